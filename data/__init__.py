@@ -1,0 +1,1 @@
+"""Data: shard writing, streaming readers, bundled real datasets and 2-D toy distributions."""

@@ -1,0 +1,225 @@
+"""Energy networks E_ψ: conv ResNets on images (VAEBM Table 7) and MLPs on vectors.
+
+An energy network maps a batch to one scalar per sample, shape [B]; low energy = likely. The
+energy-based models of this project multiply a generator's density by exp(−E), so the sampler
+(`trainer/langevin.py`) only ever needs `energy(x) -> [B]`.
+
+Conv energies (VAEBM paper, Table 7 and App. E):
+
+    3×3 conv (in→C) → LipSwish → ResBlocks → global SUM pooling over H×W → Linear(C_last, 1)
+
+    ResBlock(in, out, down):  h = conv2(LipSwish(conv1(x))) + skip(x)
+                              h = avgpool2x2(h) if down           (pool AFTER the addition)
+                              return LipSwish(h)
+    skip = 1×1 conv without bias when in ≠ out or down, identity otherwise.
+
+Every conv is `models.layers.Conv2d` with weight normalization and data-dependent init; the final
+Linear is plain (no WN) and is excluded from the spectral regularizer. There is no normalization
+layer, so train/eval mode only matters for the one-time data-dependent init.
+
+Input range: the energy scores the decoder's output, so it sees the decoder's range, [−1, 1]
+(DESIGN §4.9). Positives must be mapped to the same range by the caller.
+
+Parameter names follow the official checkpoints (`conv1`, `blocks.N.conv1/conv2/skip.0`, `linear`),
+so parameter shapes can be compared one-to-one with the official networks (see the tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.layers import Conv2d, LipSwish, Swish
+from models.spectral import SpectralRegularizer, collect_convs
+
+
+@dataclass(frozen=True)
+class ConvLayout:
+    """One row of Table 7: stem width C and the ResBlocks as (width multiplier of C, downsample)."""
+
+    base_channels: int
+    image_size: int
+    blocks: tuple[tuple[int, bool], ...]
+
+
+D, S = True, False  # a ResBlock that downsamples / keeps the resolution
+LAYOUTS: dict[str, ConvLayout] = {
+    # CIFAR-10, C=128: conv 128 | d128, 128 | d256, 256 | d256, 256 | FC. 32 → 4. 5.14 M params.
+    "cifar10": ConvLayout(128, 32, ((1, D), (1, S), (2, D), (2, S), (2, D), (2, S))),
+    # CelebA 64, C=64: conv 64 | d64, 64 | d128, 128 | d128, 256 | d256, 256 | FC. 64 → 4. 4.34 M.
+    "celeba64": ConvLayout(64, 64, ((1, D), (1, S), (2, D), (2, S), (2, D), (4, S), (4, D), (4, S))),
+    # LSUN Church 64, C=64: conv 64 | d64, 64 | d128, 128, 128 | d128, 256, 256 | d256, 256. 5.81 M.
+    "lsun_church64": ConvLayout(
+        64, 64, ((1, D), (1, S), (2, D), (2, S), (2, S), (2, D), (4, S), (4, S), (4, D), (4, S))
+    ),
+    # CelebA-HQ 256, C=64: conv 64 | d64, 64 | d128, 128 | d128, 128 | d256, 256 | d256, 256 |
+    # d512, 512 | FC. 256 → 4. 14.21 M.
+    "celebahq256": ConvLayout(
+        64, 256, ((1, D), (1, S), (2, D), (2, S), (2, D), (2, S), (4, D), (4, S), (4, D), (4, S), (8, D), (8, S))
+    ),
+    # Small layouts for CPU demos (bundled digits). 32×32: conv 32 | d32, 32 | d64, 64 | d64. 32 → 4.
+    "digits": ConvLayout(32, 32, ((1, D), (1, S), (2, D), (2, S), (2, D))),
+    # 16×16: conv 32 | d32 | d64, 64. 16 → 4.
+    "digits16": ConvLayout(32, 16, ((1, D), (2, D), (2, S))),
+}
+
+
+@dataclass
+class EnergyNetConfig:
+    """Which energy network to build (`build_energy`)."""
+
+    kind: str = "conv"
+    """"conv" (image energy, a Table 7 layout) or "mlp" (2-D points, latent vectors)."""
+    layout: str = "cifar10"
+    """Conv layout name, a key of `LAYOUTS`."""
+    base_channels: int | None = None
+    """Stem width C; None takes the layout's (128 for cifar10, 64 for the others, 32 for digits)."""
+    image_size: int | None = None
+    """Input height = width; None takes the layout's. Must be divisible by 2^(number of downsamples)."""
+    in_channels: int = 3
+    """Image channels (3 for RGB, 1 for grey digits)."""
+    data_init: bool = True
+    """Data-dependent init of the WN convs (paper: on; the official distributed script: off)."""
+    input_dim: int = 2
+    """MLP input size: 2 for 2-D toys, the flattened latent size for latent energies."""
+    hidden: int = 256
+    """MLP hidden width."""
+    depth: int = 4
+    """Number of hidden layers of the MLP."""
+
+
+class ResBlock(nn.Module):
+    """conv3×3 → LipSwish → conv3×3, + skip, [avg-pool 2×2], LipSwish. [B, in, H, W] → [B, out, H', W']."""
+
+    def __init__(self, in_channels: int, out_channels: int, downsample: bool, data_init: bool = True):
+        super().__init__()
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, weight_norm=True, data_init=data_init)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, weight_norm=True, data_init=data_init)
+        self.downsample = downsample
+        if in_channels != out_channels or downsample:
+            # A one-element Sequential only so the parameter names match the official ones (skip.0.*).
+            self.skip = nn.Sequential(
+                Conv2d(in_channels, out_channels, 1, bias=False, weight_norm=True, data_init=data_init)
+            )
+        else:
+            self.skip = nn.Identity()
+        self.act = LipSwish()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.act(self.conv1(x))) + self.skip(x)
+        if self.downsample:
+            h = F.avg_pool2d(h, 2)  # after the addition, as in the official network
+        return self.act(h)
+
+
+class EnergyBase(nn.Module):
+    """What every energy offers besides `forward(x) -> [B]`: spectral loss and data-dependent init."""
+
+    spectral: SpectralRegularizer
+
+    def spectral_loss(self) -> torch.Tensor:
+        """Σ σ_max over every conv kernel (a scalar, differentiable). Advances the power iteration."""
+        return self.spectral()
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: torch.Tensor) -> None:
+        """Run the data-dependent init of the WN convs on a batch x (e.g. a few stacked data batches).
+
+        One forward pass in train mode under no_grad; each conv sets its bias and scale so its output
+        has per-channel mean 0 and std 0.2 on this batch (all-reduced across ranks by `Conv2d`). A
+        conv already initialized (flag `data_init_done`, restored with the state dict) is left alone,
+        so calling this after loading a checkpoint changes nothing.
+        """
+        was_training = self.training
+        self.train()
+        try:
+            self(x)
+        finally:
+            self.train(was_training)
+
+    @property
+    def data_init_done(self) -> bool:
+        """True when every conv that wants a data-dependent init has had it."""
+        return all(bool(conv.data_init_done) for conv in collect_convs(self))
+
+
+class ConvEnergy(EnergyBase):
+    """Conv ResNet energy of Table 7. Input [B, in_channels, H, W] in [−1, 1]; output energies [B]."""
+
+    def __init__(
+        self,
+        layout: ConvLayout,
+        in_channels: int = 3,
+        base_channels: int | None = None,
+        image_size: int | None = None,
+        data_init: bool = True,
+    ):
+        super().__init__()
+        c = base_channels or layout.base_channels
+        self.image_size = image_size or layout.image_size
+        num_down = sum(down for _, down in layout.blocks)
+        if self.image_size % (2**num_down) != 0:
+            raise ValueError(f"image_size {self.image_size} is not divisible by 2^{num_down} (the layout's downsamples)")
+        self.conv1 = Conv2d(in_channels, c, 3, padding=1, weight_norm=True, data_init=data_init)
+        blocks, width = [], c
+        for multiplier, down in layout.blocks:
+            blocks.append(ResBlock(width, multiplier * c, down, data_init))
+            width = multiplier * c
+        self.blocks = nn.Sequential(*blocks)
+        self.act = LipSwish()
+        self.linear = nn.Linear(width, 1)  # plain Linear: no WN, not spectrally regularized
+        # Built last, over the convs only; a submodule so its u/v vectors live in the state dict.
+        self.spectral = SpectralRegularizer(collect_convs(self))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, C, H, W] → energies [B]."""
+        h = self.blocks(self.act(self.conv1(x)))
+        h = h.sum(dim=(2, 3))  # global SUM pooling (not mean): [B, C_last]
+        return self.linear(h).squeeze(-1)
+
+
+class MLPEnergy(EnergyBase):
+    """MLP energy for 2-D points and latent vectors: depth × (Linear → Swish), then Linear(hidden, 1).
+
+    Input [B, input_dim] or any [B, ...] with input_dim elements per sample (latent maps are
+    flattened). Output [B]. No convs, so `spectral_loss()` is 0 and `initialize_from_data` is a no-op.
+    """
+
+    def __init__(self, input_dim: int, hidden: int = 256, depth: int = 4):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"MLP depth must be at least 1, got {depth}")
+        layers: list[nn.Module] = []
+        width = input_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), Swish()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+        self.input_dim = input_dim
+        self.spectral = SpectralRegularizer([])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, input_dim] (or [B, ...] flattening to input_dim) → energies [B]."""
+        return self.net(x.flatten(1)).squeeze(-1)
+
+    def spectral_loss(self) -> torch.Tensor:
+        return self.net[0].weight.new_zeros(())
+
+
+def build_energy(cfg: EnergyNetConfig) -> EnergyBase:
+    """The energy network described by `cfg`."""
+    if cfg.kind == "mlp":
+        return MLPEnergy(cfg.input_dim, cfg.hidden, cfg.depth)
+    if cfg.kind != "conv":
+        raise ValueError(f"unknown energy kind {cfg.kind!r}; expected 'conv' or 'mlp'")
+    if cfg.layout not in LAYOUTS:
+        raise ValueError(f"unknown energy layout {cfg.layout!r}; known: {', '.join(LAYOUTS)}")
+    return ConvEnergy(LAYOUTS[cfg.layout], cfg.in_channels, cfg.base_channels, cfg.image_size, cfg.data_init)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters (including the WN log-gains, as the official counts do)."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,106 @@
+"""Building blocks shared by every network here: the weight-normalized conv and Swish.
+
+`Conv2d` is the one convolution class of the project. It is what the spectral regularizer
+(`models/spectral.py`) collects, so every conv of the NVAE and of the energy networks must be one,
+including the convs that do not use weight normalization (the NVAE's MBConv convs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    """Swish / SiLU, x·sigmoid(x)."""
+    return F.silu(x)
+
+
+class Swish(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x)
+
+
+class LipSwish(nn.Module):
+    """x·sigmoid(x)/1.1, the 1-Lipschitz Swish of the VAEBM energy networks."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x) / 1.1
+
+
+def _all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average a tensor across processes when a process group is up (data-dependent init)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+class Conv2d(nn.Conv2d):
+    """2-D convolution with optional weight normalization and data-dependent initialization.
+
+    With `weight_norm=True` the effective kernel is exp(log_g)·v/(‖v‖ + 1e-5), the norm taken per
+    output channel over (C_in, kh, kw), with log_g initialized to log(‖v_init‖ + 0.01) so the initial
+    kernel matches PyTorch's default initialization. `self.weight` holds v.
+
+    With `data_init=True`, the first forward pass in training mode sets bias and log_g so the
+    layer's outputs have per-channel mean 0 and std 0.2 on that batch (s = 5·std), averaged across
+    processes. `data_init_done` is a buffer, so a loaded checkpoint is never re-initialized.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        weight_norm: bool = True,
+        data_init: bool = False,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        self.use_weight_norm = weight_norm
+        self.data_init = data_init and weight_norm
+        if weight_norm:
+            init_norm = self._weight_norm(self.weight.detach())
+            self.log_weight_norm = nn.Parameter(torch.log(init_norm + 1e-2))
+        else:
+            self.register_parameter("log_weight_norm", None)
+        self.register_buffer("data_init_done", torch.tensor(not self.data_init), persistent=True)
+
+    @staticmethod
+    def _weight_norm(weight: torch.Tensor) -> torch.Tensor:
+        """Per-output-channel L2 norm, shaped [C_out, 1, 1, 1]."""
+        return weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The kernel the convolution applies, [C_out, C_in/groups, kh, kw]."""
+        if not self.use_weight_norm:
+            return self.weight
+        # Fold the per-channel factors first: one full-size multiply instead of two full-size ops.
+        scale = torch.exp(self.log_weight_norm) / (self._weight_norm(self.weight) + 1e-5)
+        return self.weight * scale
+
+    @torch.no_grad()
+    def _initialize_from_data(self, x: torch.Tensor) -> None:
+        unit_weight = self.weight / (self._weight_norm(self.weight) + 1e-5)
+        out = F.conv2d(x, unit_weight, None, self.stride, self.padding, self.dilation, self.groups)
+        # Pool first and second moments across processes (averaging per-rank stds would be biased).
+        mean = _all_reduce_mean(out.float().mean(dim=(0, 2, 3)))
+        mean_sq = _all_reduce_mean(out.float().square().mean(dim=(0, 2, 3)))
+        std = (mean_sq - mean.square()).clamp_min(0).sqrt()
+        scale = 5.0 * std
+        if self.bias is not None:
+            self.bias.copy_(-mean / (scale + 1e-5))
+        self.log_weight_norm.copy_(-torch.log(scale + 1e-5).view(-1, 1, 1, 1))
+        self.data_init_done.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not bool(self.data_init_done):
+            self._initialize_from_data(x)
+        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)

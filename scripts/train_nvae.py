@@ -1,0 +1,25 @@
+"""Train an NVAE.  accelerate launch scripts/train_nvae.py --config digits --run-dir runs/nvae [key=value ...]
+
+Re-running the same command resumes from the newest complete checkpoint in --run-dir.
+"""
+from pathlib import Path
+
+from trainer.errors import run_cli
+
+
+def main() -> None:
+    from trainer.cli import architecture_dict, training_parser
+    from trainer.config import load_config
+    from trainer.sections import NVAETrainingConfig
+
+    args = training_parser(__doc__.splitlines()[0]).parse_args()
+    overrides = list(args.overrides) + ([f"data.shards={args.data}"] if args.data else [])
+    cfg = load_config(NVAETrainingConfig, "nvae", args.config, overrides, expand={"model": architecture_dict})
+
+    from trainer.nvae_loop import train_nvae  # heavy imports only after the config is known to be valid
+
+    train_nvae(cfg, Path(args.run_dir))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,32 @@
+"""Train a VAEBM energy network on a frozen NVAE.
+
+    accelerate launch scripts/train_vaebm.py --config digits --vae runs/nvae --run-dir runs/vaebm [key=value ...]
+
+Re-running the same command resumes. A run that diverged is not resumed into; roll it back with
+--resume-from RUN/checkpoints/step-NNNNNNN and changed settings.
+"""
+from pathlib import Path
+
+from trainer.errors import run_cli
+
+
+def main() -> None:
+    from trainer.cli import training_parser
+    from trainer.config import load_config
+    from trainer.vaebm_sections import VAEBMTrainingConfig
+
+    parser = training_parser(__doc__.splitlines()[0])
+    parser.add_argument("--vae", default=None, help="NVAE run directory or checkpoint (sets vae.path)")
+    parser.add_argument("--resume-from", default=None, type=Path, help="a checkpoint of this run to roll back to")
+    args = parser.parse_args()
+    overrides = list(args.overrides) + ([f"data.shards={args.data}"] if args.data else []) \
+        + ([f"vae.path={args.vae}"] if args.vae else [])
+    cfg = load_config(VAEBMTrainingConfig, "vaebm", args.config, overrides)
+
+    from trainer.vaebm_loop import train_vaebm
+
+    train_vaebm(cfg, Path(args.run_dir), resume_from=args.resume_from)
+
+
+if __name__ == "__main__":
+    run_cli(main)

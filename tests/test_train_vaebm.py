@@ -1,0 +1,113 @@
+"""VAEBM training end to end: layout, replay buffer in checkpoints, exact resume, divergence handling."""
+import json
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, ROOT, run_script
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_torch
+from trainer.divergence import DivergenceDetector
+from trainer.vaebm_objective import clip_to_adam_rms, ebm_loss
+
+TINY = ["langevin.steps=2", "langevin.sample_steps=2", "replay.anneal_steps=2", "train.image_every=0"]
+
+
+def vaebm_args(run_dir, nvae_run, cache_dir, *extra):
+    return ["--config", "digits", "--vae", str(nvae_run), "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}",
+            *FAST, *TINY, *extra]
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+def test_vaebm_run_layout_and_resume_with_buffer(tmp_path, nvae_run, cache_dir):
+    run_dir = tmp_path / "run"
+    run_script("train_vaebm.py", *vaebm_args(run_dir, nvae_run, cache_dir, "train.max_steps=3", "train.image_every=3"))
+    last = rows(run_dir)[-1]
+    for key in ("step", "energy_pos", "energy_neg", "energy_gap", "langevin_grad_norm", "replay_fill", "replay_p", "img_per_s"):
+        assert key in last, key
+    assert list((run_dir / "samples").glob("chains_vae_then_langevin-*.png"))
+    checkpoint = latest_checkpoint(run_dir)
+    buffer = read_torch(checkpoint / "rank-0" / "replay.pt")
+    assert buffer["fill"] == 3 * 8
+
+    result = run_script("train_vaebm.py", *vaebm_args(run_dir, nvae_run, cache_dir, "train.max_steps=5"))
+    assert "resuming from step 3" in result.stderr
+    assert rows(run_dir)[-1]["step"] == 5 and rows(run_dir)[-1]["replay_fill"] == 5 * 8  # the buffer carried over
+
+
+def test_vaebm_resume_is_exact(tmp_path, nvae_run, cache_dir):
+    common = ["train.max_steps=4", "train.checkpoint_every=100"]
+    run_script("train_vaebm.py", *vaebm_args(tmp_path / "straight", nvae_run, cache_dir, *common))
+    run_script("train_vaebm.py", *vaebm_args(tmp_path / "paused", nvae_run, cache_dir, *common, "train.halt_at_step=2"))
+    run_script("train_vaebm.py", *vaebm_args(tmp_path / "paused", nvae_run, cache_dir, *common))
+    a, b = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "paused")
+    weights_a, weights_b = load_file(str(a / "energy.safetensors")), load_file(str(b / "energy.safetensors"))
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    replay_a, replay_b = read_torch(a / "rank-0" / "replay.pt"), read_torch(b / "rank-0" / "replay.pt")
+    assert replay_a["fill"] == 32 and identical(replay_a, replay_b)
+
+
+def identical(a, b) -> bool:
+    """Exact equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(identical(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_injected_explosion_is_detected_and_not_resumed(tmp_path, nvae_run, cache_dir):
+    run_dir = tmp_path / "run"
+    args = vaebm_args(run_dir, nvae_run, cache_dir, "train.max_steps=12", "train.checkpoint_every=2",
+                      "divergence.patience=2", "divergence.max_abs_energy=1e4")
+    result = run_script("../tests/explode_vaebm.py", *args, launcher=[sys.executable])
+    assert "training diverged at step 6" in result.stderr and "|energy|" in result.stderr
+    marker = json.loads((run_dir / "DIVERGED.json").read_text())
+    assert marker["onset"] == 5 and marker["step"] == 6
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, 4]  # nothing from the bad streak
+
+    again = run_script("train_vaebm.py", *args, check=False)
+    assert again.returncode == 2 and "diverged at step 6" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    same = run_script("train_vaebm.py", *args, "--resume-from", str(run_dir / "checkpoints/step-0000004"), check=False)
+    assert same.returncode == 2 and "exact settings" in same.stderr
+    resumed = run_script("train_vaebm.py", *args, "optim.lr=1e-5", "train.max_steps=6",
+                         "--resume-from", str(run_dir / "checkpoints/step-0000004"))
+    assert "resuming from step 4" in resumed.stderr
+    assert not (run_dir / "DIVERGED.json").exists() and latest_checkpoint(run_dir).name == "step-0000006"
+
+
+def test_divergence_detector_patience_and_reset():
+    detector = DivergenceDetector(max_abs_energy=10, max_energy_gap=5, patience=3)
+    assert detector.check(1, 0.0, 1.0) is None
+    assert detector.check(2, 0.0, 6.0) is None and detector.in_bad_streak  # gap 6 > 5
+    assert detector.check(3, 0.0, 1.0) is None and not detector.in_bad_streak  # streak broken
+    assert detector.check(4, float("nan"), 0.0) is None
+    assert detector.check(5, 20.0, 20.0) is None
+    found = detector.check(6, 0.0, 0.0, grads_finite=False)
+    assert found is not None and found.onset == 4 and found.metric == "non-finite gradient"
+
+
+def test_ebm_loss_terms():
+    loss, terms = ebm_loss(torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0]), torch.tensor(10.0), 0.2)
+    assert float(loss) == 2.0 - 6.0 + 2.0 and terms["energy_gap"] == 4.0
+
+
+def test_clip_to_adam_rms_matches_formula():
+    param = torch.nn.Parameter(torch.zeros(1000))
+    optimizer = torch.optim.Adam([param], betas=(0.99, 0.999))
+    param.grad = torch.full((1000,), 0.01)
+    assert clip_to_adam_rms(optimizer) == 0.0  # no Adam state yet: nothing clipped on the first step
+    optimizer.step()
+    grad = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    param.grad = grad.clone()
+    fraction = clip_to_adam_rms(optimizer)
+    v = optimizer.state[param]["exp_avg_sq"]
+    bound = 3 * (v / (1 - 0.999)).sqrt() + 0.1
+    assert torch.allclose(param.grad, grad.clamp(-bound, bound))
+    assert fraction == pytest.approx(float((grad.abs() > bound).float().mean()))

@@ -1,0 +1,167 @@
+"""Throughput and peak memory of one full NVAE training step (DESIGN §6).
+
+A step is what the trainer does: forward, the loss with the KL balancing, spectral and BN terms,
+backward, and an Adamax step (lr 1e-2, eps 1e-3, weight decay 3e-4, facts §4.5), on random
+inputs in [−1, 1].
+
+Peak memory:
+- CUDA: torch.cuda.max_memory_allocated after a reset, from before the model is built, so it
+  includes weights, gradients, optimizer state and activations.
+- CPU: the growth of the process's peak resident set size over the same span, measured in the
+  current process. On Linux the kernel's high-water mark is reset first (`/proc/self/clear_refs`,
+  value 5) and `VmHWM` is read afterwards, so earlier work in the process does not mask the peak.
+  Where that reset is unavailable, `resource.getrusage(...).ru_maxrss` growth is reported, which
+  can under-count when the process peaked earlier (`peak_mem_method` says which was used).
+
+    python -m trainer.benchmark_nvae --arch nvae-bench-small --batch-size 8 --steps 5 --warmup 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from models.nvae import NVAE, NVAEConfig, get_architecture
+from trainer.nvae_objective import kl_balance_alphas, nvae_loss
+
+
+def _read_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter to the current RSS (Linux ≥ 4.0); False if impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _read_status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+class _PeakMemory:
+    """Peak memory growth (MB) over a `with` block, on CPU or CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = ""
+        self.peak_mb = 0.0
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda_max_memory_allocated"
+        elif _reset_peak_rss():
+            self.base = _read_status_kb("VmRSS") * 1024
+            self.method = "linux_vmhwm_after_reset"
+        else:
+            # ru_maxrss is in KiB on Linux, bytes on macOS.
+            scale = 1 if sys.platform == "darwin" else 1024
+            self.base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            self.scale = scale
+            self.method = "ru_maxrss_growth"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.method == "cuda_max_memory_allocated":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method == "linux_vmhwm_after_reset":
+            peak = _read_status_kb("VmHWM") * 1024
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * self.scale
+        self.peak_mb = max(peak - self.base, 0) / 2**20
+
+
+def bench_nvae(
+    config: NVAEConfig,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    gradient_checkpointing: bool | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Time `steps` full training steps after `warmup` untimed ones; fp32.
+
+    Returns img_per_s, step_s (mean over the timed steps), step_s_min, peak_mem_mb (see the
+    module docstring), peak_mem_method, params_m, batch_size, resolution, threads,
+    gradient_checkpointing and device.
+    """
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    with _PeakMemory(device) as memory:
+        model = NVAE(config).to(device).train()
+        if gradient_checkpointing is not None:
+            model.gradient_checkpointing = gradient_checkpointing
+        optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
+        alphas = kl_balance_alphas(model.groups_per_scale_decoder_order).to(device)
+        x = torch.rand(batch_size, *model.image_shape, device=device) * 2 - 1
+
+        def step() -> None:
+            output = model(x)
+            # β < 1 exercises the KL balancing, as during the warm-up.
+            loss, _ = nvae_loss(output, 0.5, alphas, 0.01, model.spectral_loss(), model.bn_loss())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(warmup):
+            step()
+        times = []
+        for _ in range(steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    step_s = sum(times) / max(len(times), 1)
+    return {
+        "img_per_s": batch_size / step_s if step_s > 0 else float("nan"),
+        "step_s": step_s,
+        "step_s_min": min(times) if times else float("nan"),
+        "peak_mem_mb": memory.peak_mb,
+        "peak_mem_method": memory.method,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "batch_size": batch_size,
+        "resolution": config.image_size,
+        "threads": torch.get_num_threads(),
+        "gradient_checkpointing": model.gradient_checkpointing,
+        "device": str(device),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="nvae-bench-small")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--checkpointing", choices=["on", "off"], default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpointing = None if args.checkpointing is None else args.checkpointing == "on"
+    result = bench_nvae(get_architecture(args.arch), args.batch_size, args.steps, args.warmup, checkpointing, args.device)
+    print(json.dumps({"arch": args.arch, **result}))
+
+
+if __name__ == "__main__":
+    main()

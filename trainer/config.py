@@ -1,0 +1,252 @@
+"""The config tree: typed dataclasses, YAML presets, dotted command-line overrides.
+
+    cfg = load_config(NVAETrainingConfig, "digits", ["train.max_steps=50", "optim.lr=3e-3"])
+
+A preset is `trainer/presets/<kind>/<name>.yaml`, or any YAML path. In a preset, `model:` may be an
+architecture name from the model registry (e.g. `model: celebahq256`) instead of a mapping; the
+resolved config written to a run directory always spells everything out. Everything is validated
+before anything runs: an unknown key, a value of the wrong type or a bad value raises `UserError`
+naming the dotted key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from trainer.errors import UserError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict conversion with validation.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type `tp`, or raise UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0] if errors else f"bad value {value!r} for config key '{key}'")
+    if origin in (list, tuple):
+        (item_type, *_) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' expects a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise UserError(f"config key '{key}' expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key '{key}' expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise UserError(f"config key '{key}' expects a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"config key '{key}' expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key '{key}' expects a string, got {value!r}")
+    raise UserError(f"config key '{key}' has unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and bad values raise UserError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise UserError(f"unknown config key '{key}'")
+        kwargs[name] = _coerce(value, hints[name], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field without a default
+        raise UserError(f"config section '{prefix or '<root>'}': {err}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain nested dict of a dataclass tree (YAML- and JSON-serializable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.max_steps=50` -> ("train.max_steps", 50). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets.
+
+
+def list_presets(kind: str) -> list[str]:
+    return sorted(p.stem for p in (PRESET_DIR / kind).glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from `path`, with errors naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise UserError(f"cannot read config file '{path}': {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise UserError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def resolve_preset(kind: str, preset_or_path: str) -> tuple[dict, str]:
+    """The raw dict of a preset name or YAML path, and a description of where it came from."""
+    candidate = Path(preset_or_path)
+    if preset_or_path.endswith((".yaml", ".yml")) or candidate.is_file():
+        if not candidate.is_file():
+            raise UserError(f"config file '{preset_or_path}' does not exist")
+        return read_yaml(candidate), str(candidate)
+    preset = PRESET_DIR / kind / f"{preset_or_path}.yaml"
+    if not preset.is_file():
+        known = ", ".join(list_presets(kind))
+        raise UserError(f"unknown preset '{preset_or_path}' (known: {known}; or give a .yaml path)")
+    return read_yaml(preset), f"preset {kind}/{preset_or_path}"
+
+
+def load_config(cls: type, kind: str, preset_or_path: str, overrides: list[str] = (), *,
+                expand: dict[str, Any] | None = None) -> Any:
+    """Resolve preset + overrides into a validated `cls` instance.
+
+    `expand` maps a top-level section name to a function name -> dict, used to expand a string
+    section (e.g. `model: celebahq256`) into a mapping before overrides apply.
+    """
+    raw, _ = resolve_preset(kind, preset_or_path)
+    raw = _expand_named_sections(raw, expand or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        top = key.split(".")[0]
+        if top in (expand or {}) and key == top and isinstance(value, str):
+            raw[top] = value
+            raw = _expand_named_sections(raw, expand)
+            continue
+        _set_dotted(raw, key, value)
+    cfg = from_dict(cls, raw)
+    validate(cfg)
+    return cfg
+
+
+def _expand_named_sections(raw: dict, expand: dict[str, Any]) -> dict:
+    raw = dict(raw)
+    for section, resolver in expand.items():
+        value = raw.get(section)
+        if isinstance(value, str):
+            raw[section] = resolver(value)
+        elif isinstance(value, dict) and isinstance(value.get("base"), str):
+            base = resolver(value["base"])
+            raw[section] = _deep_merge(base, {k: v for k, v in value.items() if k != "base"})
+    return raw
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Call `validate()` on every dataclass in the tree, turning ValueError into UserError."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{prefix}{field.name}.")
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as err:
+            message = str(err)
+            raise UserError(f"{prefix}{message}" if prefix and not message.startswith(prefix) else message) from None
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,88 @@
+"""Run monitoring: log.txt, stats.jsonl, TensorBoard scalars and image grids. Main process only.
+
+On resume from step S, rows of stats.jsonl after S (written by the interrupted run after its last
+checkpoint) are dropped and TensorBoard purges its events after S, so every curve is continuous.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.images import make_grid, save_png, to_uint8
+
+
+class RunMonitor:
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        self.stats_path = self.run_dir / "stats.jsonl"
+        if resume_step and self.stats_path.exists():
+            self._truncate_stats(resume_step)
+        self.log_file = open(self.run_dir / "log.txt", "a", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter  # heavy import, main process only
+
+        self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None,
+                                flush_secs=30)
+
+    def _truncate_stats(self, resume_step: int) -> None:
+        kept = []
+        for line in self.stats_path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= resume_step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a row cut short by a crash
+        tmp = self.stats_path.with_name(f".stats.jsonl.tmp-{os.getpid()}")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.stats_path)
+
+    def log(self, message: str) -> None:
+        """A line to stdout and log.txt, with a timestamp in the file."""
+        if not self.enabled:
+            return
+        print(message, file=sys.stderr, flush=True)
+        self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def stats(self, step: int, row: dict[str, float], tb_tags: dict[str, str] | None = None) -> None:
+        """One row of stats.jsonl and one TensorBoard scalar per value (tag from `tb_tags` or `train/<key>`)."""
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in row.items()}}
+        with open(self.stats_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar((tb_tags or {}).get(key, f"train/{key}"), value, step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard-only scalars under their full tags (e.g. `kl/group_03`)."""
+        if self.enabled:
+            for tag, value in values.items():
+                self.tb.add_scalar(tag, _plain(value), step)
+
+    def images(self, tag: str, images: torch.Tensor, step: int, ncol: int) -> None:
+        """A grid of [-1, 1] images to TensorBoard and to samples/<tag>-<step>.png."""
+        if not self.enabled:
+            return
+        grid = make_grid(to_uint8(images), ncol)
+        self.tb.add_image(tag, grid, step, dataformats="CHW")
+        save_png(grid, self.run_dir / "samples" / f"{tag.replace('/', '_')}-{step:07d}.png")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()
+            self.log_file.close()
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value

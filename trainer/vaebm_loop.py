@@ -1,0 +1,220 @@
+"""VAEBM energy training against a frozen NVAE (VAEBM paper §3.2, App. E).
+
+Each iteration: initial noise (ε_z from the replay buffer with probability p, else fresh; ε_x always
+fresh) → K Langevin steps on U(ε) = E_ψ(T_θ(ε)) + ½‖ε‖² → negatives x− = T_θ(ε) (the decoder mean
+with `use_mu_cd`) → loss mean E(x+) − mean E(x−) + α_s·Σσ → element-wise clip → Adam step → push ε_z.
+
+Chains are independent across processes (their noise is seeded per (seed, rank, step)); the energy's
+gradients are all-reduced by DDP. Re-running the command resumes; a diverged run is never resumed
+into (see `trainer/divergence.py` and `resume_from`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from models.energy import build_energy
+from trainer.checkpoint import Checkpoint, CheckpointSaver, latest_checkpoint, rng_state, set_rng_state
+from trainer.divergence import DivergenceDetector
+from trainer.energy_adapters import VAEBMEnergy
+from trainer.errors import UserError
+from trainer.langevin import BatchNoise, PerChainNoise, langevin
+from trainer.monitor import RunMonitor
+from trainer.replay import ReplayBuffer, replay_probability
+from trainer.rundir import mark_diverged, prepare_run_dir
+from trainer.runtime import any_rank, make_accelerator, make_train_stream, peak_memory_mb, process_seed, seed_everything
+from trainer.vae_source import load_frozen_vae
+from trainer.vaebm_objective import clip_to_adam_rms, ebm_loss
+from trainer.vaebm_sections import VAEBMTrainingConfig
+
+GRID_CHAINS = 8
+
+
+def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | None = None) -> Path | None:
+    """Train (or resume) a VAEBM energy network; returns the final checkpoint (None if diverged)."""
+    accelerator, accumulation = make_accelerator(cfg.train)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run_dir = prepare_run_dir(run_dir, cfg, accelerator, kind="vaebm", section="energy", resume_from=resume_from)
+
+    vae, vae_checkpoint = load_frozen_vae(cfg.vae.path, cfg.vae.weights, device)  # never wrapped or trained
+    seed_everything(cfg.train.seed)
+    energy = build_energy(cfg.energy)
+    optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                 weight_decay=cfg.optim.weight_decay)
+    energy, optimizer = accelerator.prepare(energy, optimizer)
+    net = accelerator.unwrap_model(energy)  # Langevin runs on the bare module, never through DDP/DeepSpeed
+    adapter = VAEBMEnergy(vae, net, cfg.vae.temperature)
+    buffer = ReplayBuffer(vae.latent_shapes, capacity=-(-cfg.replay.capacity // world),
+                          pin_memory=device.type == "cuda") if cfg.replay.enabled else None
+    detector = DivergenceDetector(cfg.divergence.max_abs_energy, cfg.divergence.max_energy_gap, cfg.divergence.patience)
+    stream = make_train_stream(cfg.data, cfg.train.per_device_batch_size, cfg.train.seed, accelerator)
+    batches = iter(stream)
+
+    step, checkpoint_path = 0, resume_from or latest_checkpoint(run_dir)
+    if checkpoint_path is not None:
+        step = restore(Checkpoint(checkpoint_path), net, optimizer, buffer, detector, stream, accelerator)
+        batches = iter(stream)
+    else:
+        seed_everything(process_seed(cfg.train.seed, rank))
+        init = torch.cat([next(batches)["image"] for _ in range(cfg.data_init_batches)]).to(device)
+        net.initialize_from_data(init)  # statistics all-reduced across processes
+    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step)
+    monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'}: energy {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
+                f"parameters, VAE {vae_checkpoint}, {world} process(es), accumulation {accumulation}, device {device}"
+                + (f", replay buffer {buffer.nbytes / 2**20:.1f} MB per process" if buffer else ""))
+    saver = CheckpointSaver(run_dir, rank=rank, world_size=world, is_main=accelerator.is_main_process,
+                            barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints)
+
+    def save(at_step: int) -> None:
+        per_rank = {"rng.pt": rng_state(), "data.json": stream.state_dict()}
+        if buffer is not None:
+            per_rank["replay.pt"] = buffer.state_dict()
+        saver.save(at_step, shared={"energy.safetensors": net.state_dict(), "optimizer.pt": optimizer.state_dict(),
+                                    "state.json": {"step": at_step, "kind": "vaebm", "vae_checkpoint": str(vae_checkpoint),
+                                                   "divergence": detector.state_dict()}},
+                   per_rank=per_rank)
+
+    autocast_dtype = torch.bfloat16 if cfg.langevin.autocast == "bf16" else None
+    progress = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
+                    disable=not (accelerator.is_main_process and cfg.train.progress_bar))
+    window = {"images": 0, "time": time.perf_counter(), "skipped_updates": 0}
+    last_saved = step if checkpoint_path is not None else -1
+    stop_step = min(cfg.train.max_steps, cfg.train.halt_at_step or cfg.train.max_steps)
+
+    while step < stop_step:
+        p = replay_probability(step, cfg.replay.max_p, cfg.replay.anneal_steps) if buffer else 0.0
+        generator = torch.Generator(device=device).manual_seed(process_seed(cfg.train.seed, rank) + 1_000_003 * step)
+        for micro in range(accumulation):
+            x_pos = next(batches)["image"].to(device, non_blocking=True)
+            batch = x_pos.shape[0]
+            if buffer is not None:  # ε_z replayed with probability p (else fresh); ε_x is always fresh
+                eps_z, _ = buffer.draw(batch, p, generator, device)
+                noise = [*eps_z, torch.randn((batch, *vae.image_shape), generator=generator, device=device)]
+            else:
+                noise = adapter.initial_noise(batch, generator, device)
+            chains = langevin(noise, adapter, cfg.langevin.steps, cfg.langevin.step_size, BatchNoise(generator),
+                              autocast_dtype=autocast_dtype)
+            with torch.no_grad():
+                x_neg = adapter.images(chains.noise, use_mean=cfg.langevin.use_mu_cd)
+            sync = micro == accumulation - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(energy):
+                with accelerator.autocast():
+                    energies = energy(torch.cat([x_pos, x_neg]))  # one pass: DDP sees one forward per backward
+                    loss, terms = ebm_loss(energies[:batch], energies[batch:], net.spectral_loss(), cfg.optim.spectral_coeff)
+                accelerator.backward(loss / accumulation)
+            if buffer is not None:
+                buffer.push(chains.noise[:-1])
+            window["images"] += batch * world
+
+        grads_finite = not any_rank(accelerator, not all(torch.isfinite(param.grad).all() for param in net.parameters()
+                                                         if param.grad is not None))
+        clip_fraction = clip_to_adam_rms(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                         cfg.optim.clip_std, cfg.optim.clip_offset) if cfg.optim.clip_std > 0 else 0.0
+        loss_finite = grads_finite and math.isfinite(float(loss))
+        if loss_finite:
+            optimizer.step()
+        else:
+            window["skipped_updates"] += 1  # a single non-finite step is skipped and counted
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+
+        divergence = detector.check(step, terms["energy_pos"], terms["energy_neg"], grads_finite)
+        if step % cfg.train.log_every == 0 or step == stop_step or divergence:
+            elapsed = time.perf_counter() - window["time"]
+            row = {"loss": float(loss.detach()), **terms, "langevin_grad_norm": float(chains.grad_norm.mean()),
+                   "langevin_energy_first": float(chains.energy[0]), "langevin_energy_last": float(chains.energy[-1]),
+                   "replay_fill": len(buffer) if buffer else 0, "replay_p": p, "clip_fraction": clip_fraction,
+                   "img_per_s": window["images"] / max(elapsed, 1e-9), "skipped_updates": window["skipped_updates"],
+                   "data/skipped_samples": stream.skipped_samples, "peak_mem_mb": peak_memory_mb(device),
+                   "replay_mem_mb": buffer.nbytes / 2**20 if buffer else 0.0}
+            monitor.stats(step, row, tb_tags={"data/skipped_samples": "data/skipped_samples", "img_per_s": "sys/img_per_s",
+                                              "peak_mem_mb": "sys/peak_mem_mb", "replay_mem_mb": "sys/replay_mem_mb"})
+            monitor.scalars(step, {f"langevin/energy_step_{k:02d}": float(e) for k, e in enumerate(chains.energy)})
+            progress.set_postfix(gap=f"{terms['energy_gap']:.3g}", img_s=f"{row['img_per_s']:.1f}")
+            window.update(images=0, time=time.perf_counter())
+        if divergence:
+            handle_divergence(divergence, run_dir, accelerator, monitor)
+            progress.close()
+            monitor.close()
+            return None
+        if accelerator.is_main_process and (step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)):
+            log_chain_images(monitor, adapter, vae, cfg, step, device)
+        if (step % cfg.train.checkpoint_every == 0 or step == stop_step) and not detector.in_bad_streak:
+            save(step)
+            last_saved = step
+
+    if last_saved != step and not detector.in_bad_streak:
+        save(step)
+    progress.close()
+    monitor.log(f"{'halted' if step < cfg.train.max_steps else 'finished'} at step {step}; checkpoint "
+                f"{latest_checkpoint(run_dir)}")
+    monitor.close()
+    accelerator.end_training()
+    return latest_checkpoint(run_dir)
+
+
+def restore(checkpoint: Checkpoint, net, optimizer, buffer, detector, stream, accelerator) -> int:
+    """Load everything a VAEBM checkpoint holds (replay buffers and RNG per process); returns its step."""
+    if checkpoint.world_size != accelerator.num_processes:
+        raise UserError(f"checkpoint '{checkpoint.path}' was written by {checkpoint.world_size} process(es); "
+                        f"this launch has {accelerator.num_processes}")
+    net.load_state_dict(checkpoint.tensors("energy.safetensors"))  # includes spectral u/v and data-init flags
+    optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
+    detector.load_state_dict(checkpoint.json("state.json")["divergence"])
+    rank = accelerator.process_index
+    if buffer is not None:
+        if not checkpoint.has(f"rank-{rank}/replay.pt"):
+            raise UserError(f"checkpoint '{checkpoint.path}' has no replay buffer but replay.enabled is true")
+        buffer.load_state_dict(checkpoint.torch(f"rank-{rank}/replay.pt"))
+    stream.load_state_dict(checkpoint.json(f"rank-{rank}/data.json"))
+    set_rng_state(checkpoint.torch(f"rank-{rank}/rng.pt"))
+    return checkpoint.step
+
+
+def handle_divergence(divergence, run_dir: Path, accelerator, monitor: RunMonitor) -> None:
+    """Stop: mark the run diverged and drop checkpoints from the bad streak on (none are written in it)."""
+    if accelerator.is_main_process:
+        mark_diverged(run_dir, divergence)
+    monitor.log(f"{divergence.message()}; stopped. The run is marked diverged; checkpoints before step "
+                f"{divergence.onset} are kept. Resume from one with changed settings: --resume-from CHECKPOINT")
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def before_after_langevin(adapter: VAEBMEnergy, count: int, steps: int, step_size: float, seed: int,
+                          device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder means [count, C, H, W] of VAE samples and of the same chains after `steps` Langevin steps.
+
+    Chain i depends only on (seed, i): its initial noise and its Langevin noise have their own seeds.
+    """
+    chain_noise = PerChainNoise.for_indices(seed, 0, count)
+    noise = chain_noise.initial([*adapter.vae.latent_shapes, adapter.vae.image_shape], device)
+    with torch.enable_grad():
+        chains = langevin(noise, adapter, steps, step_size, chain_noise)
+    return adapter.images(noise, use_mean=True), adapter.images(chains.noise, use_mean=True)
+
+
+def log_chain_images(monitor: RunMonitor, adapter: VAEBMEnergy, vae, cfg: VAEBMTrainingConfig, step: int, device) -> None:
+    """VAE samples (top row) beside the same chains after test-length Langevin (bottom), fixed noise."""
+    before, after = before_after_langevin(adapter, GRID_CHAINS, cfg.langevin.sample_steps or cfg.langevin.steps,
+                                          cfg.langevin.step_size, seed=4321, device=device)
+    monitor.images("chains/vae_then_langevin", torch.cat([before, after]), step, ncol=GRID_CHAINS)
+
+
+def load_trained_energy(run_dir: Path, device) -> torch.nn.Module:
+    """The energy network of a VAEBM run's newest checkpoint, in eval mode with requires_grad off."""
+    from trainer.config import from_dict, read_yaml
+
+    checkpoint_path = latest_checkpoint(run_dir)
+    if checkpoint_path is None:
+        raise UserError(f"VAEBM run '{run_dir}' has no complete checkpoint")
+    cfg = from_dict(VAEBMTrainingConfig, {"energy": read_yaml(Path(run_dir) / "config.yaml")["energy"]})
+    net = build_energy(cfg.energy)
+    net.load_state_dict(Checkpoint(checkpoint_path).tensors("energy.safetensors"))
+    return net.to(device).eval().requires_grad_(False)

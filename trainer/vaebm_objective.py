@@ -1,0 +1,40 @@
+"""VAEBM's energy-training objective and gradient clip, as pure functions."""
+from __future__ import annotations
+
+import torch
+
+
+def ebm_loss(energy_pos: torch.Tensor, energy_neg: torch.Tensor, spectral: torch.Tensor,
+             spectral_coeff: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """mean E(x+) − mean E(x−) + α_s·Σσ  (VAEBM Eq. 7 with the spectral regularizer).
+
+    energy_pos: [B] energies of data; energy_neg: [B] energies of Langevin samples (no gradient
+    flows into the samples). Returns the loss and float terms for logging.
+    """
+    pos, neg = energy_pos.float().mean(), energy_neg.float().mean()
+    loss = pos - neg + spectral_coeff * spectral.float()
+    pos, neg, spectral = pos.detach(), neg.detach(), spectral.detach()
+    terms = {"energy_pos": float(pos), "energy_neg": float(neg), "energy_gap": float(neg - pos),
+             "spectral": float(spectral)}
+    return loss, terms
+
+
+@torch.no_grad()
+def clip_to_adam_rms(optimizer: torch.optim.Optimizer, n_std: float = 3.0, offset: float = 0.1) -> float:
+    """Clamp each gradient element to ±(n_std·√(v / (1 − β2^t)) + offset), Adam's bias-corrected RMS
+    of past gradients (Du & Mordatch 2019; VAEBM App. E). Parameters without Adam state yet (the
+    first step) are not clipped. Returns the fraction of gradient elements that were clipped.
+    """
+    clipped, total = 0, 0
+    for group in optimizer.param_groups:
+        beta2 = group["betas"][1]
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if param.grad is None or not state or "exp_avg_sq" not in state:
+                continue
+            step = float(state["step"])
+            bound = n_std * (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt() + offset
+            clipped += int((param.grad.abs() > bound).sum())
+            total += param.grad.numel()
+            torch.maximum(torch.minimum(param.grad, bound), -bound, out=param.grad)
+    return clipped / total if total else 0.0

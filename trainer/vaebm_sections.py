@@ -1,0 +1,102 @@
+"""The VAEBM training config tree (energy network on a frozen NVAE; VAEBM paper Table 8)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from models.energy import LAYOUTS, EnergyNetConfig
+from trainer.sections import DataConfig, TrainConfig
+
+LANGEVIN_AUTOCAST = ("no", "bf16")
+
+
+@dataclass
+class VAERef:
+    path: str | None = None          # NVAE run directory or checkpoint directory (--vae)
+    weights: str = "ema"             # ema (default) or raw weights of the NVAE checkpoint
+    temperature: float = 1.0         # prior and decoder temperature of T(ε) during training
+
+    def validate(self) -> None:
+        if self.path is None:
+            raise ValueError("path is required: pass --vae NVAE_RUN_DIR_OR_CHECKPOINT")
+        if self.weights not in ("ema", "raw"):
+            raise ValueError(f"weights must be 'ema' or 'raw', got '{self.weights}'")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class EBMOptimConfig:
+    lr: float = 4e-5                 # constant learning rate (Table 8)
+    beta1: float = 0.99
+    beta2: float = 0.999
+    weight_decay: float = 3e-5       # L2, as Adam's weight_decay
+    clip_std: float = 3.0            # element-wise clip at clip_std·√(bias-corrected v) + clip_offset; 0 disables
+    clip_offset: float = 0.1
+    spectral_coeff: float = 0.2      # α_s on the sum of spectral norms of the energy's convs
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("beta1 and beta2 must be in [0, 1)")
+        if self.clip_std < 0 or self.spectral_coeff < 0:
+            raise ValueError("clip_std and spectral_coeff must be >= 0")
+
+
+@dataclass
+class LangevinConfig:
+    steps: int = 10                  # K, Langevin steps per training iteration
+    step_size: float = 8e-5          # η (the injected noise has std √η)
+    use_mu_cd: bool = False          # negatives = decoder mean instead of a decoder sample
+    autocast: str = "no"             # bf16: generator and energy forward passes in bf16, ε stays fp32
+    sample_steps: int = 16           # test-time Langevin steps (exported to bundles)
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.sample_steps < 0:
+            raise ValueError("steps must be >= 1 and sample_steps >= 0")
+        if self.step_size <= 0:
+            raise ValueError(f"step_size must be > 0, got {self.step_size}")
+        if self.autocast not in LANGEVIN_AUTOCAST:
+            raise ValueError(f"autocast must be one of {', '.join(LANGEVIN_AUTOCAST)}, got '{self.autocast}'")
+
+
+@dataclass
+class ReplayConfig:
+    enabled: bool = False            # persistent chains: initialize ε_z from a replay buffer
+    capacity: int = 10000            # entries in total, split evenly across processes
+    max_p: float = 0.6               # replay probability reached after anneal_steps
+    anneal_steps: int = 5000
+
+    def validate(self) -> None:
+        if self.capacity < 1 or self.anneal_steps < 0 or not 0 <= self.max_p <= 1:
+            raise ValueError("capacity must be >= 1, anneal_steps >= 0 and max_p in [0, 1]")
+
+
+@dataclass
+class DivergenceConfig:
+    max_abs_energy: float = 1e4      # |mean E+| or |mean E−| beyond this counts as a bad step
+    max_energy_gap: float = 1e3      # |mean E+ − mean E−| beyond this counts as a bad step
+    patience: int = 5                # consecutive bad steps (or non-finite steps) that mean divergence
+
+    def validate(self) -> None:
+        if self.max_abs_energy <= 0 or self.max_energy_gap <= 0 or self.patience < 1:
+            raise ValueError("max_abs_energy and max_energy_gap must be > 0 and patience >= 1")
+
+
+@dataclass
+class VAEBMTrainingConfig:
+    energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
+    vae: VAERef = field(default_factory=VAERef)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: EBMOptimConfig = field(default_factory=EBMOptimConfig)
+    langevin: LangevinConfig = field(default_factory=LangevinConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data_init_batches: int = 5       # batches stacked for the energy's data-dependent init
+
+    def validate(self) -> None:
+        if self.energy.kind == "conv" and self.energy.layout not in LAYOUTS:
+            raise ValueError(f"energy.layout must be one of {', '.join(sorted(LAYOUTS))}, got '{self.energy.layout}'")
+        if self.data_init_batches < 1:
+            raise ValueError("data_init_batches must be >= 1")
