@@ -2,3 +2,13 @@
 
 Kept import-light: the inference-bundle loader must import only torch, safetensors and einops.
 """
+
+
+def load_bundle(path, device="cpu"):
+    """Load an inference bundle written by `scripts/export.py`; returns a `models.bundle.BundleSampler`.
+
+    Imported lazily so `import models` stays light (see `models/bundle.py`).
+    """
+    from models.bundle import load_bundle as _load_bundle
+
+    return _load_bundle(path, device=device)

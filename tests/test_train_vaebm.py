@@ -111,3 +111,17 @@ def test_clip_to_adam_rms_matches_formula():
     bound = 3 * (v / (1 - 0.999)).sqrt() + 0.1
     assert torch.allclose(param.grad, grad.clamp(-bound, bound))
     assert fraction == pytest.approx(float((grad.abs() > bound).float().mean()))
+
+
+def test_toy2d_pipeline_mlp_vae_then_vaebm(tmp_path):
+    """The 2-D presets: the MLP VAE on 25-Gaussians, then an MLP energy on it; resume works the same way."""
+    vae_dir, ebm_dir = tmp_path / "vae", tmp_path / "ebm"
+    fast = ["train.progress_bar=false", "train.log_every=5", "train.per_device_batch_size=64", "train.global_batch_size=64"]
+    run_script("train_nvae.py", "--config", "toy2d", "--run-dir", str(vae_dir), "train.max_steps=30", *fast)
+    assert latest_checkpoint(vae_dir).name == "step-0000030"
+    args = ["--config", "toy2d", "--vae", str(vae_dir), "--run-dir", str(ebm_dir), "langevin.steps=5", *fast]
+    run_script("train_vaebm.py", *args, "train.max_steps=5")
+    resumed = run_script("train_vaebm.py", *args, "train.max_steps=10")
+    assert "resuming from step 5" in resumed.stderr
+    last = rows(ebm_dir)[-1]
+    assert last["step"] == 10 and all(abs(last[k]) < 1e3 for k in ("energy_pos", "energy_neg"))

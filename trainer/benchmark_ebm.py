@@ -155,3 +155,44 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def bench_vaebm_step(vae, energy, cfg, batch_size: int, steps: int = 3, warmup: int = 1) -> dict:
+    """One whole VAEBM training iteration (the loop's own `negative_samples`, the energy loss on positives
+    and negatives, backward, element-wise clip, Adam step), timed over `steps` after `warmup`.
+
+    `vae`: a frozen NVAE; `energy`: an energy network; `cfg`: a VAEBMTrainingConfig. Random positives.
+    """
+    from trainer.energy_adapters import VAEBMEnergy
+    from trainer.replay import ReplayBuffer
+    from trainer.runtime import peak_memory_mb
+    from trainer.vaebm_loop import negative_samples
+    from trainer.vaebm_objective import clip_to_adam_rms, ebm_loss
+
+    device = next(vae.parameters()).device
+    adapter = VAEBMEnergy(vae, energy, cfg.vae.temperature)
+    buffer = ReplayBuffer(vae.latent_shapes, capacity=4 * batch_size) if cfg.replay.enabled else None
+    optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    generator = torch.Generator(device=device).manual_seed(0)
+    x_pos = torch.rand((batch_size, *vae.image_shape), device=device) * 2 - 1
+    autocast_dtype = torch.bfloat16 if cfg.langevin.autocast == "bf16" else None
+    times = []
+    for index in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        chains, x_neg = negative_samples(adapter, buffer, batch_size, 0.6, generator, cfg.langevin, autocast_dtype)
+        energies = energy(torch.cat([x_pos, x_neg]))
+        loss, _ = ebm_loss(energies[:batch_size], energies[batch_size:], energy.spectral_loss(), cfg.optim.spectral_coeff)
+        loss.backward()
+        clip_to_adam_rms(optimizer, cfg.optim.clip_std, cfg.optim.clip_offset)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if buffer is not None:
+            buffer.push(chains.noise[:-1])
+        _sync(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
+    step_s = min(times)
+    return {"img_per_s": batch_size / step_s, "step_s": step_s, "batch_size": batch_size,
+            "langevin_steps": cfg.langevin.steps, "peak_mem_mb": peak_memory_mb(device),
+            "resolution": vae.image_shape[-1]}

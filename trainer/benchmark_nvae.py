@@ -14,6 +14,10 @@ Peak memory:
   can under-count when the process peaked earlier (`peak_mem_method` says which was used).
 
     python -m trainer.benchmark_nvae --arch nvae-bench-small --batch-size 8 --steps 5 --warmup 2
+
+On a CPU shared with other processes, OpenMP's default spin-waiting makes 2 threads several times
+slower than 1 (measured: a BatchNorm went from 1.3 ms to 17–35 ms); run with
+`OMP_WAIT_POLICY=PASSIVE` in the environment (it must be set before torch is imported).
 """
 from __future__ import annotations
 

@@ -154,11 +154,13 @@ class CheckpointSaver:
         self.barrier = barrier
         self.keep = max(2, keep)
 
-    def save(self, step: int, *, shared: dict[str, Any], per_rank: dict[str, Any]) -> Path:
+    def save(self, step: int, *, shared: dict[str, Any], per_rank: dict[str, Any],
+             collective: Callable[[Path], None] | None = None) -> Path:
         """Write one checkpoint. `shared` is written by the main process, `per_rank` by every one.
 
         Keys are file names; a value is written by its suffix: `.safetensors` (dict of tensors),
         `.json` (JSON data), `.pt` (tensors and plain values, for `weights_only` loading).
+        `collective(staging_dir)` runs on every process (e.g. a DeepSpeed engine's sharded save).
         """
         final = self.root / checkpoint_name(step)
         staging = self.root / f"{checkpoint_name(step)}.tmp"
@@ -168,6 +170,8 @@ class CheckpointSaver:
                 shutil.rmtree(staging)  # left by a crash mid-save
             staging.mkdir()
         self.barrier()
+        if collective is not None:
+            collective(staging)
         if self.is_main:
             for name, value in shared.items():
                 _write_by_suffix(staging / name, value)

@@ -39,6 +39,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
+        classes = [o for o in options if dataclasses.is_dataclass(o)]
+        if classes and isinstance(value, dict):
+            # A union of sections (e.g. NVAE or MLP-VAE model): the one whose fields cover the most keys.
+            best = max(classes, key=lambda c: len(set(value) & {f.name for f in dataclasses.fields(c)}))
+            return from_dict(best, value, prefix=key)
         errors = []
         for option in options:
             if option is type(None):

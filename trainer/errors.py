@@ -6,6 +6,7 @@ exits with status 2. Bugs (any other exception) still surface with a full traceb
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -25,4 +26,9 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    sys.exit(code or 0)
+    # Exit at once: interpreter teardown of thousands of imported modules (torch, deepspeed, ...)
+    # takes tens of seconds on a loaded machine, which delays requeues after preemption. Everything
+    # the scripts write is closed or flushed by now (files are written atomically).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)

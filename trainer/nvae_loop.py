@@ -6,7 +6,6 @@ CPU in fp32 a resumed run reproduces an uninterrupted one exactly.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -14,15 +13,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from models.nvae import NVAE
+from models.registry import build_vae, is_image_model
 from trainer.checkpoint import Checkpoint, CheckpointSaver, latest_checkpoint, rng_state, set_rng_state
 from trainer.config import save_config
 from trainer.ema import EMA
+from trainer.errors import UserError
 from trainer.monitor import RunMonitor
 from trainer.nvae_objective import balanced_kl, kl_balance_alphas, kl_warmup_coeff, nvae_loss, spectral_coeff
-from trainer.runtime import (any_rank, make_accelerator, make_train_stream, peak_memory_mb, process_seed,
+from trainer.runtime import (any_rank, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb, process_seed,
                              seed_everything, shard_directory)
-from trainer.rundir import prepare_run_dir
+from trainer.rundir import prepare_run_dir, stop_requested
 from trainer.schedules import warmup_cosine_lr
 from trainer.sections import NVAETrainingConfig
 
@@ -31,11 +31,12 @@ SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 
 def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     """Train (or resume training) an NVAE; returns the path of the final checkpoint."""
-    accelerator, accumulation = make_accelerator(cfg.train)
+    launch = make_accelerator(cfg.train)
+    accelerator, accumulation = launch.accelerator, launch.accumulation
     run_dir = prepare_run_dir(run_dir, cfg, accelerator, kind="nvae")
 
     seed_everything(cfg.train.seed)  # identical initial weights on every process
-    model = NVAE(cfg.model)
+    model = build_vae(cfg.model)
     ema = EMA(model, cfg.train.ema_decay)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps,
                                    weight_decay=cfg.optim.weight_decay)
@@ -43,23 +44,26 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     net = accelerator.unwrap_model(model)
     ema.shadow.to(accelerator.device)
     stream = make_train_stream(cfg.data, cfg.train.per_device_batch_size, cfg.train.seed, accelerator)
-    fixed = fixed_inputs(net, shard_directory(cfg.data, accelerator), cfg.data.image_size, accelerator.device)
+    fixed = fixed_inputs(net, shard_directory(cfg.data, accelerator), cfg.data.image_size, accelerator.device) \
+        if is_image_model(net) else None  # 2-D toys get no image grids
 
     step = 0
     checkpoint_path = latest_checkpoint(run_dir)
     if checkpoint_path is not None:
-        step = restore(Checkpoint(checkpoint_path), net, ema, optimizer, accelerator, stream)
+        step = restore(Checkpoint(checkpoint_path), model, ema, optimizer, launch, stream)
     else:
         seed_everything(process_seed(cfg.train.seed, accelerator.process_index))
     monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step)
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
                 f"parameters, {accelerator.num_processes} process(es), accumulation {accumulation}, "
-                f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}")
+                f"device {accelerator.device}, mixed precision "
+                f"{launch.autocast_dtype or accelerator.mixed_precision}{' (DeepSpeed ZeRO)' if launch.deepspeed else ''}")
     saver = CheckpointSaver(run_dir, rank=accelerator.process_index, world_size=accelerator.num_processes,
                             is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
                             keep=cfg.train.keep_checkpoints)
-    save = lambda at_step: saver.save(at_step, shared=shared_state(net, ema, optimizer, accelerator, at_step),
-                                      per_rank={"rng.pt": rng_state(), "data.json": stream.state_dict()})
+    save = lambda at_step: saver.save(at_step, shared=shared_state(net, ema, optimizer, launch, at_step),
+                                      per_rank={"rng.pt": rng_state(), "data.json": stream.state_dict()},
+                                      collective=deepspeed_save(model) if launch.deepspeed else None)
 
     alphas = kl_balance_alphas(net.groups_per_scale_decoder_order).to(accelerator.device)
     batches = iter(stream)
@@ -79,23 +83,27 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
         lam = spectral_coeff(beta, cfg.loss.spectral_coeff_init, cfg.loss.spectral_coeff, cfg.loss.spectral_anneal)
 
         # One optimizer step over `accumulation` micro-batches; gradients sync on the last one only.
+        # (Under DeepSpeed the engine steps inside `backward` on that last micro-batch.)
         for micro in range(accumulation):
-            batch = next(batches)
-            x = batch["image"].to(accelerator.device, non_blocking=True)
-            sync = micro == accumulation - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                with accelerator.autocast():
+            x = batch_inputs(next(batches)).to(accelerator.device, non_blocking=True)
+            with accelerator.accumulate(model):
+                with launch.autocast():
                     output = model(x)
-                    loss, terms = nvae_loss(output, beta, alphas if cfg.loss.kl_balance else None, lam, net.spectral_loss(), net.bn_loss())
-                accelerator.backward(loss / accumulation)
+                    loss, terms = nvae_loss(output, beta, alphas if cfg.loss.kl_balance else None, lam,
+                                            net.spectral_loss(), net.bn_loss())
+                accelerator.backward(loss)
             window["images"] += x.shape[0] * accelerator.num_processes
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), float("inf"))
-        if any_rank(accelerator, not math.isfinite(float(grad_norm))):
-            window["skipped_updates"] += 1  # a non-finite gradient: skip this update, keep going
-        else:
-            optimizer.step()
+        if launch.deepspeed:
+            grad_norm = model.get_global_grad_norm() or 0.0
             ema.update(net)
-        optimizer.zero_grad(set_to_none=True)
+        else:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+            if any_rank(accelerator, not math.isfinite(float(grad_norm))):
+                window["skipped_updates"] += 1  # a non-finite gradient: skip this update, keep going
+            else:
+                optimizer.step()
+                ema.update(net)
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         progress.update(1)
 
@@ -109,13 +117,16 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
             monitor.stats(step, row, tb_tags={"data/skipped_samples": "data/skipped_samples",
                                               "img_per_s": "sys/img_per_s", "peak_mem_mb": "sys/peak_mem_mb"})
             monitor.scalars(step, per_group_scalars(output))
-            progress.set_postfix(loss=f"{float(loss):.4g}", img_s=f"{row['img_per_s']:.1f}")
+            progress.set_postfix(loss=f"{float(loss.detach()):.4g}", img_s=f"{row['img_per_s']:.1f}")
             window.update(images=0, time=time.perf_counter())
-        if accelerator.is_main_process and (step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)):
+        if fixed and accelerator.is_main_process and (step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)):
             log_images(monitor, ema.shadow, fixed, step)
         if step % cfg.train.checkpoint_every == 0 or step == stop_step:
             save(step)
             last_saved = step
+        if stop_requested(run_dir, accelerator):  # preemption: checkpoint now, exit cleanly, resume on re-run
+            monitor.log(f"stop requested ({run_dir / 'STOP'}) at step {step}")
+            break
 
     if last_saved != step:
         save(step)
@@ -127,27 +138,45 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     return latest_checkpoint(run_dir)
 
 
-def shared_state(net, ema: EMA, optimizer, accelerator, step: int) -> dict:
+def shared_state(net, ema: EMA, optimizer, launch, step: int) -> dict:
+    """Files the main process writes. Under DeepSpeed (ZeRO-2, fp32 engine) the module's weights are
+    complete on every rank, so model.safetensors is the consolidated model; the optimizer's shards
+    are in `deepspeed/`, written collectively by the engine."""
     state = {"model.safetensors": net.state_dict(), "ema.safetensors": ema.state_dict(),
-             "optimizer.pt": optimizer.state_dict(), "state.json": {"step": step, "kind": "nvae"}}
-    if accelerator.scaler is not None:
-        state["scaler.pt"] = accelerator.scaler.state_dict()
+             "state.json": {"step": step, "kind": "nvae", "deepspeed": launch.deepspeed}}
+    if not launch.deepspeed:
+        state["optimizer.pt"] = optimizer.state_dict()
+    if launch.accelerator.scaler is not None:
+        state["scaler.pt"] = launch.accelerator.scaler.state_dict()
     return state
 
 
-def restore(checkpoint: Checkpoint, net, ema: EMA, optimizer, accelerator, stream) -> int:
+def deepspeed_save(engine):
+    """The collective part of a checkpoint under DeepSpeed: the engine's own sharded state."""
+    return lambda staging: engine.save_checkpoint(str(staging / "deepspeed"), tag="state")
+
+
+def restore(checkpoint: Checkpoint, model, ema: EMA, optimizer, launch, stream) -> int:
     """Load everything a checkpoint holds; returns its step."""
-    net.load_state_dict(checkpoint.tensors("model.safetensors"))
+    accelerator = launch.accelerator
+    if checkpoint.world_size != accelerator.num_processes:
+        raise UserError(f"checkpoint '{checkpoint.path}' was written by {checkpoint.world_size} process(es); "
+                        f"this launch has {accelerator.num_processes}")
+    was_deepspeed = bool(checkpoint.json("state.json").get("deepspeed", False))
+    if was_deepspeed != launch.deepspeed:
+        raise UserError(f"checkpoint '{checkpoint.path}' was written {'with' if was_deepspeed else 'without'} "
+                        f"DeepSpeed; resume it the same way (or start a new run from its weights)")
+    net = accelerator.unwrap_model(model)
+    if launch.deepspeed:
+        # DeepSpeed reads its own shards (it unpickles them: resume only from runs you wrote).
+        model.load_checkpoint(str(checkpoint.path / "deepspeed"), tag="state")
+    else:
+        net.load_state_dict(checkpoint.tensors("model.safetensors"))
+        optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
     ema.load_state_dict(checkpoint.tensors("ema.safetensors"))
-    optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
     if accelerator.scaler is not None and checkpoint.has("scaler.pt"):
         accelerator.scaler.load_state_dict(checkpoint.torch("scaler.pt"))
     rank = accelerator.process_index
-    if checkpoint.world_size != accelerator.num_processes:
-        from trainer.errors import UserError
-
-        raise UserError(f"checkpoint '{checkpoint.path}' was written by {checkpoint.world_size} process(es); "
-                        f"this launch has {accelerator.num_processes}")
     stream.load_state_dict(checkpoint.json(f"rank-{rank}/data.json"))
     set_rng_state(checkpoint.torch(f"rank-{rank}/rng.pt"))
     return checkpoint.step
@@ -181,7 +210,7 @@ def log_images(monitor: RunMonitor, ema_model, fixed: dict, step: int) -> None:
 def per_group_scalars(output) -> dict[str, float]:
     values = {}
     for index, (kl, per_channel) in enumerate(zip(output.kl_per_group, output.kl_per_channel)):
-        values[f"kl/group_{index:02d}"] = float(kl.mean())
+        values[f"kl/group_{index:02d}"] = float(kl.detach().mean())
         values[f"active_units/group_{index:02d}"] = float((per_channel > 0.1).sum())
     values["active_units/total"] = sum(v for k, v in values.items() if k.startswith("active_units/"))
     return values

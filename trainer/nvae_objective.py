@@ -40,16 +40,16 @@ def kl_balance_alphas(groups_per_scale_in_decoder_order: list[int]) -> torch.Ten
 
 
 def balanced_kl(
-    kl_per_group: list[torch.Tensor], alphas: torch.Tensor, kl_coeff: float
+    kl_per_group: list[torch.Tensor], alphas: torch.Tensor | None, kl_coeff: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_l γ_l·KL_l per sample [B], and the γ's [L] (detached). β is *not* applied here.
 
     While β = kl_coeff < 1 (the warm-up), γ_l ∝ (mean_batch |KL_l| + 0.01)/α_l, normalized to
     mean 1, so groups that carry more KL per unit of area are pushed harder and no group
-    collapses early. Afterwards γ = 1: the plain sum.
+    collapses early. Afterwards, or with alphas=None (balancing off), γ = 1: the plain sum.
     """
     kl = torch.stack(kl_per_group, dim=1)  # [B, L]
-    if kl_coeff < 1.0:
+    if alphas is not None and kl_coeff < 1.0:
         per_group = kl.detach().abs().mean(dim=0) + 0.01
         gammas = per_group / alphas.to(device=kl.device, dtype=kl.dtype)
         gammas = gammas / gammas.mean()
@@ -74,12 +74,14 @@ def spectral_coeff(kl_coeff: float, init: float, final: float, anneal: bool) -> 
 def nvae_loss(
     output: NVAEOutput,
     kl_coeff: float,
-    alphas: torch.Tensor,
+    alphas: torch.Tensor | None,
     spectral_coeff: float,
     spectral_term: torch.Tensor,
     bn_term: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """loss = mean_batch[−log p(x|z) + β·balanced_KL] + λ·(spectral + bn)  (facts §4.1).
+
+    `alphas` from `kl_balance_alphas`, or None to switch KL balancing off.
 
     Returns the scalar loss and detached 0-dim tensors for logging: `recon` (−log p(x|z)),
     `kl` (unbalanced Σ_l KL_l), `kl_balanced`, `nelbo` (recon + kl, the unbalanced bound, nats per
@@ -87,7 +89,11 @@ def nvae_loss(
     batch-mean KL > 0.1) and `gamma_max`. All per-image terms are batch means.
     """
     recon = -output.recon_log_prob  # [B]
-    kl_bal, gammas = balanced_kl(output.kl_per_group, alphas, kl_coeff)
+    if alphas is None:  # KL balancing switched off: the plain sum
+        kl_bal = torch.stack(output.kl_per_group, dim=1).sum(dim=1)
+        gammas = torch.ones(len(output.kl_per_group))
+    else:
+        kl_bal, gammas = balanced_kl(output.kl_per_group, alphas, kl_coeff)
     kl = torch.stack(output.kl_per_group, dim=1).sum(dim=1)  # [B]
     loss = (recon + kl_coeff * kl_bal).mean() + spectral_coeff * (spectral_term + bn_term)
     active = torch.stack([(c.detach() > 0.1).sum() for c in output.kl_per_channel]).sum()  # no host sync

@@ -64,6 +64,23 @@ def prepare_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str 
     return run_dir
 
 
+STOP_FILE = "STOP"
+
+
+def stop_requested(run_dir: Path, accelerator) -> bool:
+    """True on every process once `RUN/STOP` exists (a preemption handler or a user created it).
+
+    The check is collective, so all processes stop at the same step; the main process then removes
+    the file, so the re-run (e.g. a requeued job) carries on.
+    """
+    from trainer.runtime import any_rank
+
+    requested = any_rank(accelerator, (Path(run_dir) / STOP_FILE).exists())
+    if requested and accelerator.is_main_process:
+        (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
+    return requested
+
+
 def mark_diverged(run_dir: Path, divergence) -> None:
     """Record a divergence and drop checkpoints from its onset on."""
     for step, path in list_checkpoints(run_dir):

@@ -1,7 +1,9 @@
 """Process-level setup shared by the trainers: Accelerator, seeds, data streams, memory readings."""
 from __future__ import annotations
 
+import os
 import random
+from dataclasses import dataclass
 import resource
 import sys
 from pathlib import Path
@@ -14,21 +16,66 @@ from trainer.errors import UserError
 from trainer.sections import DataConfig, TrainConfig
 
 
-def make_accelerator(train: TrainConfig) -> tuple[Accelerator, int]:
-    """An Accelerator for this launch and the gradient-accumulation steps derived from the batch sizes.
+@dataclass
+class Launch:
+    """What a trainer needs to know about this launch."""
+
+    accelerator: Accelerator
+    accumulation: int            # micro-batches per optimizer step
+    deepspeed: bool              # the trained network is a DeepSpeed engine
+    autocast_dtype: torch.dtype | None  # mixed precision applied by the trainer itself (under DeepSpeed)
+
+    def autocast(self):
+        """Mixed-precision context for forward passes: Accelerate's, or ours under DeepSpeed."""
+        if self.autocast_dtype is None:
+            return self.accelerator.autocast()
+        return torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype)
+
+
+def make_accelerator(train: TrainConfig) -> Launch:
+    """An Accelerator for this launch, with gradient accumulation derived from the batch sizes.
 
     global_batch = per_device_batch × processes × accumulation; anything else is a config error.
+    Under DeepSpeed the engine keeps fp32 weights (ZeRO partitions optimizer state and gradients) and
+    the trainer autocasts forward passes itself: DeepSpeed's own bf16 mode would hold the NVAE's BN and
+    KL terms in bf16, and Accelerate does not autocast under DeepSpeed.
     """
-    state = PartialState()
-    per_step = train.per_device_batch_size * state.num_processes
+    # Without a GPU, Accelerate forms the process group (gloo, MULTI_CPU) only when told `cpu=True`;
+    # otherwise every process of a multi-process launch silently trains alone as "rank 0 of 1".
+    launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    cpu = launched_processes > 1 and not torch.cuda.is_available() and not use_deepspeed
+    state = PartialState(cpu=cpu)
+    processes = launched_processes if use_deepspeed else state.num_processes
+    per_step = train.per_device_batch_size * processes
     if train.global_batch_size % per_step:
         raise UserError(
             f"train.global_batch_size ({train.global_batch_size}) is not a multiple of "
-            f"train.per_device_batch_size × processes ({train.per_device_batch_size} × {state.num_processes})")
+            f"train.per_device_batch_size × processes ({train.per_device_batch_size} × {processes})")
     accumulation = train.global_batch_size // per_step
-    mixed_precision = None if train.mixed_precision == "auto" else train.mixed_precision
-    accelerator = Accelerator(mixed_precision=mixed_precision)
-    return accelerator, accumulation
+    precision = _mixed_precision(train.mixed_precision, use_deepspeed)
+    if use_deepspeed:
+        accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=accumulation)
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.update(train_micro_batch_size_per_gpu=train.per_device_batch_size,
+                         gradient_accumulation_steps=accumulation, train_batch_size=train.global_batch_size)
+        for key in ("bf16", "fp16"):  # the engine stays fp32; see the docstring
+            ds_config.setdefault(key, {})["enabled"] = False
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        return Launch(accelerator, accumulation, deepspeed=True, autocast_dtype=dtype)
+    accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision, cpu=cpu,
+                              gradient_accumulation_steps=accumulation)
+    if launched_processes != accelerator.num_processes:
+        raise RuntimeError(f"launched {launched_processes} processes but Accelerate sees {accelerator.num_processes}")
+    return Launch(accelerator, accumulation, deepspeed=False, autocast_dtype=None)
+
+
+def _mixed_precision(configured: str, use_deepspeed: bool) -> str:
+    if configured != "auto":
+        return configured
+    if use_deepspeed:  # take the launcher's setting, which Accelerate would otherwise give DeepSpeed
+        return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return "auto"
 
 
 def seed_everything(seed: int) -> None:
@@ -73,9 +120,19 @@ def shard_directory(data: DataConfig, accelerator: Accelerator) -> Path:
         return materialize_shards(data.dataset, data.image_size, cache)
 
 
+def batch_inputs(batch: dict) -> torch.Tensor:
+    """The model input of a stream batch: images [B, C, H, W] or toy points [B, D]."""
+    return batch["image"] if "image" in batch else batch["x"]
+
+
 def make_train_stream(data: DataConfig, batch_size: int, seed: int, accelerator: Accelerator):
     """The infinite, per-rank training stream. Never handed to `accelerator.prepare` (it would drop data)."""
     from data.stream import TrainStream
+
+    if data.is_toy:
+        from data.toy2d import ToyStream, make_toy
+
+        return ToyStream(make_toy(data.dataset), batch_size, seed, accelerator.process_index, accelerator.num_processes)
 
     return TrainStream(
         shard_directory(data, accelerator), batch_size=batch_size, seed=seed,

@@ -7,15 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.mlp_vae import MLPVAEConfig
 from models.nvae.config import NVAEConfig
 
 BUNDLED_DATASETS = ("digits", "photo-crops")
+TOY_DATASETS = ("25gaussians", "swissroll")  # 2-D points, generated in memory
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"          # a bundled dataset (digits, photo-crops), or "shards" to use `shards`
+    dataset: str = "digits"          # bundled images (digits, photo-crops), a 2-D toy (25gaussians, swissroll),
+                                     # or "shards" to read `shards`
     shards: str | None = None        # directory with index.json and tar shards (overrides `dataset`)
     image_size: int = 32             # must match the shards' size
     hflip: bool = False              # random horizontal flips (faces, churches; not digits)
@@ -24,11 +27,16 @@ class DataConfig:
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is corrupt
     cache_dir: str = "~/.cache/vaebm-trainer"  # where bundled datasets materialize their shards
 
+    @property
+    def is_toy(self) -> bool:
+        return self.shards is None and self.dataset in TOY_DATASETS
+
     def validate(self) -> None:
         if self.shards is None and self.dataset == "shards":
             raise ValueError("shards is required by this preset: pass --data SHARDS_DIR (see scripts/make_shards.py)")
-        if self.shards is None and self.dataset not in BUNDLED_DATASETS:
-            raise ValueError(f"dataset must be one of {', '.join(BUNDLED_DATASETS)} or set data.shards, got '{self.dataset}'")
+        if self.shards is None and self.dataset not in BUNDLED_DATASETS + TOY_DATASETS:
+            raise ValueError(f"dataset must be one of {', '.join(BUNDLED_DATASETS + TOY_DATASETS)} or set data.shards, "
+                             f"got '{self.dataset}'")
         if self.image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {self.image_size}")
         if self.num_workers < 0:
@@ -105,12 +113,21 @@ class NVAELossConfig:
 
 @dataclass
 class NVAETrainingConfig:
-    model: NVAEConfig = field(default_factory=NVAEConfig)
+    """VAE pretraining: the NVAE on images, or the small MLP VAE on 2-D toy points (`model.data_dim`)."""
+
+    model: NVAEConfig | MLPVAEConfig = field(default_factory=NVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: NVAEOptimConfig = field(default_factory=NVAEOptimConfig)
     loss: NVAELossConfig = field(default_factory=NVAELossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
+        if isinstance(self.model, MLPVAEConfig):
+            if not self.data.is_toy:
+                raise ValueError("an MLP VAE (model.data_dim) trains on 2-D toy data: set data.dataset to "
+                                 "25gaussians or swissroll")
+            return
+        if self.data.is_toy:
+            raise ValueError(f"data.dataset '{self.data.dataset}' is 2-D toy data: use an MLP VAE model (see preset toy2d)")
         if self.data.image_size != self.model.image_size:
             raise ValueError(f"data.image_size ({self.data.image_size}) must equal model.image_size ({self.model.image_size})")

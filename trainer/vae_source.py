@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from models.nvae import NVAE
+from models.registry import build_vae
 from trainer.checkpoint import Checkpoint, latest_checkpoint
 from trainer.config import from_dict
 from trainer.errors import UserError
@@ -29,14 +29,14 @@ def resolve_vae_checkpoint(path: str | Path) -> tuple[Path, Path]:
     raise UserError(f"VAE path '{path}' is neither an NVAE run directory nor one of its checkpoints")
 
 
-def load_frozen_vae(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu") -> tuple[NVAE, Path]:
-    """The NVAE in eval mode with requires_grad off (BN uses its stored statistics), and its checkpoint."""
+def load_frozen_vae(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu"):
+    """(VAE, checkpoint directory): the NVAE (or MLP VAE) in eval mode with requires_grad off (BN uses its stored statistics), and its checkpoint."""
     checkpoint_dir, config_path = resolve_vae_checkpoint(path)
     raw = yaml.safe_load(config_path.read_text()) or {}
     if "model" not in raw:
         raise UserError(f"'{config_path}' has no model section: not an NVAE run")
     cfg = from_dict(NVAETrainingConfig, {"model": raw["model"]}).model
-    vae = NVAE(cfg)
+    vae = build_vae(cfg)
     checkpoint = Checkpoint(checkpoint_dir)
     name = "ema.safetensors" if weights == "ema" else "model.safetensors"
     try:

@@ -10,7 +10,6 @@ into (see `trainer/divergence.py` and `resume_from`).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -19,15 +18,17 @@ import torch
 from tqdm import tqdm
 
 from models.energy import build_energy
+from models.registry import is_image_model
 from trainer.checkpoint import Checkpoint, CheckpointSaver, latest_checkpoint, rng_state, set_rng_state
 from trainer.divergence import DivergenceDetector
 from trainer.energy_adapters import VAEBMEnergy
 from trainer.errors import UserError
 from trainer.langevin import BatchNoise, PerChainNoise, langevin
 from trainer.monitor import RunMonitor
+from trainer.nvae_loop import deepspeed_save
 from trainer.replay import ReplayBuffer, replay_probability
-from trainer.rundir import mark_diverged, prepare_run_dir
-from trainer.runtime import any_rank, make_accelerator, make_train_stream, peak_memory_mb, process_seed, seed_everything
+from trainer.rundir import mark_diverged, prepare_run_dir, stop_requested
+from trainer.runtime import any_rank, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb, process_seed, seed_everything
 from trainer.vae_source import load_frozen_vae
 from trainer.vaebm_objective import clip_to_adam_rms, ebm_loss
 from trainer.vaebm_sections import VAEBMTrainingConfig
@@ -37,7 +38,8 @@ GRID_CHAINS = 8
 
 def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | None = None) -> Path | None:
     """Train (or resume) a VAEBM energy network; returns the final checkpoint (None if diverged)."""
-    accelerator, accumulation = make_accelerator(cfg.train)
+    launch = make_accelerator(cfg.train)
+    accelerator, accumulation = launch.accelerator, launch.accumulation
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     run_dir = prepare_run_dir(run_dir, cfg, accelerator, kind="vaebm", section="energy", resume_from=resume_from)
 
@@ -57,11 +59,11 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
 
     step, checkpoint_path = 0, resume_from or latest_checkpoint(run_dir)
     if checkpoint_path is not None:
-        step = restore(Checkpoint(checkpoint_path), net, optimizer, buffer, detector, stream, accelerator)
+        step = restore(Checkpoint(checkpoint_path), energy, optimizer, buffer, detector, stream, launch)
         batches = iter(stream)
     else:
         seed_everything(process_seed(cfg.train.seed, rank))
-        init = torch.cat([next(batches)["image"] for _ in range(cfg.data_init_batches)]).to(device)
+        init = torch.cat([batch_inputs(next(batches)) for _ in range(cfg.data_init_batches)]).to(device)
         net.initialize_from_data(init)  # statistics all-reduced across processes
     monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step)
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'}: energy {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
@@ -74,10 +76,13 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
         per_rank = {"rng.pt": rng_state(), "data.json": stream.state_dict()}
         if buffer is not None:
             per_rank["replay.pt"] = buffer.state_dict()
-        saver.save(at_step, shared={"energy.safetensors": net.state_dict(), "optimizer.pt": optimizer.state_dict(),
-                                    "state.json": {"step": at_step, "kind": "vaebm", "vae_checkpoint": str(vae_checkpoint),
-                                                   "divergence": detector.state_dict()}},
-                   per_rank=per_rank)
+        shared = {"energy.safetensors": net.state_dict(),
+                  "state.json": {"step": at_step, "kind": "vaebm", "vae_checkpoint": str(vae_checkpoint),
+                                 "divergence": detector.state_dict(), "deepspeed": launch.deepspeed}}
+        if not launch.deepspeed:
+            shared["optimizer.pt"] = optimizer.state_dict()
+        saver.save(at_step, shared=shared, per_rank=per_rank,
+                   collective=deepspeed_save(energy) if launch.deepspeed else None)
 
     autocast_dtype = torch.bfloat16 if cfg.langevin.autocast == "bf16" else None
     progress = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -90,37 +95,30 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
         p = replay_probability(step, cfg.replay.max_p, cfg.replay.anneal_steps) if buffer else 0.0
         generator = torch.Generator(device=device).manual_seed(process_seed(cfg.train.seed, rank) + 1_000_003 * step)
         for micro in range(accumulation):
-            x_pos = next(batches)["image"].to(device, non_blocking=True)
+            x_pos = batch_inputs(next(batches)).to(device, non_blocking=True)
             batch = x_pos.shape[0]
-            if buffer is not None:  # ε_z replayed with probability p (else fresh); ε_x is always fresh
-                eps_z, _ = buffer.draw(batch, p, generator, device)
-                noise = [*eps_z, torch.randn((batch, *vae.image_shape), generator=generator, device=device)]
-            else:
-                noise = adapter.initial_noise(batch, generator, device)
-            chains = langevin(noise, adapter, cfg.langevin.steps, cfg.langevin.step_size, BatchNoise(generator),
-                              autocast_dtype=autocast_dtype)
-            with torch.no_grad():
-                x_neg = adapter.images(chains.noise, use_mean=cfg.langevin.use_mu_cd)
-            sync = micro == accumulation - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(energy):
-                with accelerator.autocast():
+            chains, x_neg = negative_samples(adapter, buffer, batch, p, generator, cfg.langevin, autocast_dtype)
+            with accelerator.accumulate(energy):
+                with launch.autocast():
                     energies = energy(torch.cat([x_pos, x_neg]))  # one pass: DDP sees one forward per backward
                     loss, terms = ebm_loss(energies[:batch], energies[batch:], net.spectral_loss(), cfg.optim.spectral_coeff)
-                accelerator.backward(loss / accumulation)
+                accelerator.backward(loss)
             if buffer is not None:
                 buffer.push(chains.noise[:-1])
             window["images"] += batch * world
 
-        grads_finite = not any_rank(accelerator, not all(torch.isfinite(param.grad).all() for param in net.parameters()
-                                                         if param.grad is not None))
-        clip_fraction = clip_to_adam_rms(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                         cfg.optim.clip_std, cfg.optim.clip_offset) if cfg.optim.clip_std > 0 else 0.0
-        loss_finite = grads_finite and math.isfinite(float(loss))
-        if loss_finite:
-            optimizer.step()
+        if launch.deepspeed:  # the engine has stepped inside backward (its own clipping, if configured)
+            grads_finite, clip_fraction = math.isfinite(float(loss.detach())), 0.0
         else:
-            window["skipped_updates"] += 1  # a single non-finite step is skipped and counted
-        optimizer.zero_grad(set_to_none=True)
+            grads_finite = not any_rank(accelerator, not all(torch.isfinite(param.grad).all() for param in net.parameters()
+                                                             if param.grad is not None))
+            clip_fraction = clip_to_adam_rms(optimizer.optimizer, cfg.optim.clip_std, cfg.optim.clip_offset) \
+                if cfg.optim.clip_std > 0 else 0.0
+            if grads_finite and math.isfinite(float(loss.detach())):
+                optimizer.step()
+            else:
+                window["skipped_updates"] += 1  # a single non-finite step is skipped and counted
+            optimizer.zero_grad(set_to_none=True)
         step += 1
         progress.update(1)
 
@@ -143,11 +141,14 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
             progress.close()
             monitor.close()
             return None
-        if accelerator.is_main_process and (step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)):
+        if is_image_model(vae) and accelerator.is_main_process and (step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)):
             log_chain_images(monitor, adapter, vae, cfg, step, device)
         if (step % cfg.train.checkpoint_every == 0 or step == stop_step) and not detector.in_bad_streak:
             save(step)
             last_saved = step
+        if stop_requested(run_dir, accelerator):  # preemption: checkpoint now, exit cleanly, resume on re-run
+            monitor.log(f"stop requested ({run_dir / 'STOP'}) at step {step}")
+            break
 
     if last_saved != step and not detector.in_bad_streak:
         save(step)
@@ -159,13 +160,37 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
     return latest_checkpoint(run_dir)
 
 
-def restore(checkpoint: Checkpoint, net, optimizer, buffer, detector, stream, accelerator) -> int:
+def negative_samples(adapter: VAEBMEnergy, buffer: ReplayBuffer | None, batch: int, p: float,
+                     generator: torch.Generator, langevin_cfg, autocast_dtype=None):
+    """Initial noise (ε_z from the buffer with probability p, else fresh; ε_x always fresh), K Langevin
+    steps, and the negatives x− [B, C, H, W] (decoder mean with `use_mu_cd`, else the sample)."""
+    device = generator.device
+    if buffer is not None:
+        eps_z, _ = buffer.draw(batch, p, generator, device)
+        noise = [*eps_z, torch.randn((batch, *adapter.vae.image_shape), generator=generator, device=device)]
+    else:
+        noise = adapter.initial_noise(batch, generator, device)
+    chains = langevin(noise, adapter, langevin_cfg.steps, langevin_cfg.step_size, BatchNoise(generator),
+                      autocast_dtype=autocast_dtype)
+    with torch.no_grad():
+        x_neg = adapter.images(chains.noise, use_mean=langevin_cfg.use_mu_cd)
+    return chains, x_neg
+
+
+def restore(checkpoint: Checkpoint, energy, optimizer, buffer, detector, stream, launch) -> int:
     """Load everything a VAEBM checkpoint holds (replay buffers and RNG per process); returns its step."""
+    accelerator = launch.accelerator
     if checkpoint.world_size != accelerator.num_processes:
         raise UserError(f"checkpoint '{checkpoint.path}' was written by {checkpoint.world_size} process(es); "
                         f"this launch has {accelerator.num_processes}")
+    if bool(checkpoint.json("state.json").get("deepspeed", False)) != launch.deepspeed:
+        raise UserError(f"checkpoint '{checkpoint.path}' must be resumed with the same launcher (DeepSpeed or not)")
+    net = accelerator.unwrap_model(energy)
     net.load_state_dict(checkpoint.tensors("energy.safetensors"))  # includes spectral u/v and data-init flags
-    optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
+    if launch.deepspeed:
+        energy.load_checkpoint(str(checkpoint.path / "deepspeed"), tag="state")
+    else:
+        optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
     detector.load_state_dict(checkpoint.json("state.json")["divergence"])
     rank = accelerator.process_index
     if buffer is not None:

@@ -56,7 +56,10 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and getattr(_recompute_state, "active", False):
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            # Throw-away copies of the running statistics: the op saves the same tensors for
+            # backward as in the original forward (checkpoint checks the count), updates nothing.
+            running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
+            return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, self.momentum, self.eps)
         return super().forward(x)
 
 

@@ -123,11 +123,14 @@ _PAPER = dict(
 )
 
 ARCHITECTURES: dict[str, NVAEConfig] = {
-    # A CPU demo for 32×32 grey digit images: narrow, 2 scales × 2 groups, one cell per conditional.
+    # A CPU demo for 32×32 digit images (the bundled grey digits, replicated to RGB): 16 channels,
+    # two single-cell pre/post blocks (so the latents sit at 8×8 and 4×4, where cells are cheap),
+    # 2 scales × 2 groups, one cell per conditional. About 2× cheaper per step than one pre/post
+    # block of 2 cells with latents at 16×16 and 8×8 (measured), which matters on 2 CPU cores.
     "digits": NVAEConfig(
-        image_size=32, in_channels=1, channels_enc=16, channels_dec=16, num_latent_scales=2,
+        image_size=32, in_channels=3, channels_enc=16, channels_dec=16, num_latent_scales=2,
         groups_per_scale=2, latents_per_group=20, cells_per_cond_enc=1, cells_per_cond_dec=1,
-        preprocess_blocks=1, preprocess_cells=2, postprocess_blocks=1, postprocess_cells=2,
+        preprocess_blocks=2, preprocess_cells=1, postprocess_blocks=2, postprocess_cells=1,
         use_se=True, residual_posterior=True, num_flows=0,
     ),
     # The benchmark architecture of DESIGN §6 (also the NVAEConfig defaults).

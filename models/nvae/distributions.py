@@ -33,8 +33,11 @@ class Normal:
 
     @classmethod
     def from_params(cls, params: torch.Tensor, temperature: float = 1.0) -> "Normal":
-        """Split [B, 2C, ...] network output into (μ, log σ) halves along dim 1."""
-        mu, log_sigma = params.chunk(2, dim=1)
+        """Split [B, 2C, ...] network output into (μ, log σ) halves along dim 1.
+
+        Computed in float32 even under autocast: KL and log-densities are sums over many terms.
+        """
+        mu, log_sigma = params.float().chunk(2, dim=1)
         return cls(mu, log_sigma, temperature)
 
     @classmethod

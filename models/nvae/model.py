@@ -229,7 +229,7 @@ class NVAE(BNStatisticsMixin, nn.Module):
                 prior_params = self.dec_samplers[g - 1](s)
             z = latent_fn(g, s, prior_params)
             zs.append(z)
-            s = self.dec_combiners[g](s, z.contiguous(memory_format=self.memory_format))
+            s = self.dec_combiners[g](s, z.to(dtype=s.dtype, memory_format=self.memory_format))
         for cell in self.postprocess:
             s = self._run(cell, s)
         return zs, self.output_head(s)
@@ -311,6 +311,25 @@ class NVAE(BNStatisticsMixin, nn.Module):
             return z
 
         _, out = self._decoder(x.shape[0], posterior_latent)
+        x_dist = Normal.from_params(out)
+        return eps_z, (x - x_dist.mu) / (temperature * x_dist.sigma)
+
+    def latents_to_noise(
+        self, z: list[torch.Tensor], x: torch.Tensor | None = None, temperature: float = 1.0
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """(z, x) → (ε_z, ε_x): run the decoder along the given z's and invert `decode`.
+
+        ε_x is None when x is None. decode(latents_to_noise(z, x, t), t) reproduces z and x.
+        """
+        eps_z = []
+
+        def given_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
+            eps_z.append(self._prior(z[g], prior_params, temperature).eps_given_sample(z[g]))
+            return z[g]
+
+        _, out = self._decoder(z[0].shape[0], given_latent)
+        if x is None:
+            return eps_z, None
         x_dist = Normal.from_params(out)
         return eps_z, (x - x_dist.mu) / (temperature * x_dist.sigma)
 

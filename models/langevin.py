@@ -1,0 +1,229 @@
+"""The one Langevin sampler of the project, in the generator's noise space ε.
+
+It lives in `models/` (not `trainer/`) so the inference bundle (`models/bundle.py`) can sample without
+importing the trainer; `trainer/langevin.py` re-exports every public name, so both import paths work.
+
+Every generator here is a deterministic map T(ε) of standard-normal noise, and every energy method
+puts an energy on (part of) T(ε). The model's density in ε-space is then (VAEBM paper, Eq. 9 and
+App. B, Eqs. 16–20)
+
+    h(ε) ∝ exp(−E(T(ε))) · N(ε; 0, I),   so the Langevin potential is   U(ε) = E(T(ε)) + ½ Σ_i ‖ε_i‖²
+
+summed over all noise tensors ε_i (latent groups, pixel noise). Each step (paper Eq. 2) is
+
+    ε ← ε − (η/2) ∇_ε U(ε) + √η · ω,   ω ~ N(0, I),   the same η for every tensor.
+
+We follow the paper, not the official code: the official scripts differentiate E − log p(z) − log p(x|z),
+which adds Σ log σ terms (a missing Jacobian), clamps x to [−1, 1] and floors σ_x (facts §8). Here
+`energy_fn` is the energy only; no log σ, no clamp.
+
+Gradients: we differentiate the batch SUM of U, so each chain follows its own ∇U_i and the step size does
+not depend on the batch size. Gradients are taken with `torch.autograd.grad` w.r.t. ε only, so no
+parameter of the generator or energy ever accumulates a `.grad`. ε is kept in fp32; `autocast_dtype`
+wraps only `energy_fn` in `torch.autocast`.
+
+Noise sources: `BatchNoise` (one draw per tensor per step, fast, for training: the caller seeds its
+generator per (seed, rank, step)) and `PerChainNoise` (one generator per chain, so chain i's trajectory
+depends only on its seed, whatever the batch size: for sampling).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import torch
+
+__all__ = [
+    "EnergyFn", "NoiseSource", "BatchNoise", "PerChainNoise", "chain_seed", "LangevinResult", "langevin",
+    "energy_on_generator",
+]
+
+EnergyFn = Callable[[list[torch.Tensor]], torch.Tensor]
+
+
+class NoiseSource(Protocol):
+    def sample(self, shapes: Sequence[torch.Size], device: torch.device) -> list[torch.Tensor]:
+        """One fp32 standard-normal tensor per shape (shapes include the batch dimension)."""
+        ...
+
+
+class BatchNoise:
+    """One `torch.randn` per tensor per step from one generator (None: the global RNG of the device).
+
+    The generator must live on the device the noise is drawn on (a CUDA generator for CUDA chains).
+    Which chain gets which numbers depends on the batch size; use `PerChainNoise` where it must not.
+    """
+
+    def __init__(self, generator: torch.Generator | None = None):
+        self.generator = generator
+
+    def sample(self, shapes: Sequence[torch.Size], device: torch.device) -> list[torch.Tensor]:
+        return [torch.randn(shape, generator=self.generator, device=device) for shape in shapes]
+
+
+def chain_seed(base_seed: int, index: int) -> int:
+    """A 63-bit seed for chain `index` of a run seeded `base_seed` (splitmix64 mixing, so nearby
+    (seed, index) pairs give unrelated streams)."""
+    mask = (1 << 64) - 1
+    z = (base_seed * 0x9E3779B97F4A7C15 + index + 1) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1
+
+
+class PerChainNoise:
+    """One CPU generator per chain: chain i's noise depends only on `chain_seeds[i]`.
+
+    Drawn on the CPU (so the numbers are the same on every device) and copied to the chains' device.
+    Use it for the initial noise too (`initial`), and image i of a sampling run is a function of its
+    seed alone. Slower than `BatchNoise` (one draw per chain per tensor): meant for sampling.
+    """
+
+    def __init__(self, chain_seeds: Sequence[int] | torch.Tensor):
+        seeds = chain_seeds.tolist() if isinstance(chain_seeds, torch.Tensor) else list(chain_seeds)
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    @classmethod
+    def for_indices(cls, base_seed: int, start: int, count: int) -> "PerChainNoise":
+        """Chains `start … start+count−1` of a run seeded `base_seed` (seeds from `chain_seed`)."""
+        return cls([chain_seed(base_seed, i) for i in range(start, start + count)])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def sample(self, shapes: Sequence[torch.Size], device: torch.device) -> list[torch.Tensor]:
+        out = []
+        for shape in shapes:
+            if shape[0] != len(self.generators):
+                raise ValueError(f"PerChainNoise has {len(self.generators)} chains, got a batch of {shape[0]}")
+            rows = [torch.randn(tuple(shape[1:]), generator=g) for g in self.generators]
+            out.append(torch.stack(rows).to(device))
+        return out
+
+    def initial(self, sample_shapes: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Initial noise, one tensor [num_chains, *shape] per per-sample shape."""
+        batch = len(self.generators)
+        return self.sample([torch.Size((batch, *s)) for s in sample_shapes], torch.device(device))
+
+
+@dataclass
+class LangevinResult:
+    """Final noise (detached, fp32) and per-step diagnostics, each a CPU tensor [steps].
+
+    Diagnostics of step t are measured at ε_t, the state whose energy step t evaluates (before its
+    update): `grad_norm` = mean over chains of ‖∇U‖ (all tensors together), `noise_norm` = mean over
+    chains of ‖ε‖, `energy` = mean over chains of E (without the ½‖ε‖² term).
+    """
+
+    noise: list[torch.Tensor]
+    grad_norm: torch.Tensor
+    noise_norm: torch.Tensor
+    energy: torch.Tensor
+
+    def summary(self) -> dict[str, float]:
+        """First/last values, for logging."""
+        if len(self.energy) == 0:
+            return {}
+        return {
+            "energy_first": float(self.energy[0]),
+            "energy_last": float(self.energy[-1]),
+            "grad_norm_mean": float(self.grad_norm.mean()),
+            "noise_norm_last": float(self.noise_norm[-1]),
+        }
+
+
+def _per_chain_sq_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_i ‖t_i[b]‖² for each chain b: [B]."""
+    # vector_norm reduces without materializing the squared tensor (this runs twice per step).
+    return sum(torch.linalg.vector_norm(t.detach().flatten(1), dim=1).square() for t in tensors)
+
+
+def langevin(
+    noise: list[torch.Tensor],
+    energy_fn: EnergyFn,
+    steps: int,
+    step_size: float,
+    noise_source: NoiseSource | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    callback: Callable[[int, list[torch.Tensor]], None] | None = None,
+    callback_every: int = 0,
+) -> LangevinResult:
+    """Run `steps` Langevin updates of U(ε) = energy_fn(ε) + ½Σ‖ε_i‖² from the initial noise.
+
+    Args:
+        noise: initial ε, a list of tensors [B, ...] (e.g. one per latent group, plus ε_x). Not modified.
+        energy_fn: list of tensors → energies [B] (e.g. `energy_on_generator(generator, energy)`).
+        steps: number of updates K.
+        step_size: η; the injected noise has standard deviation √η.
+        noise_source: where ω comes from; default `BatchNoise()` (the global RNG).
+        autocast_dtype: if set (e.g. torch.bfloat16), `energy_fn` runs under `torch.autocast`.
+        callback, callback_every: if both set, `callback(t, ε_t)` is called with detached copies for
+            t = 0, k, 2k, … ≤ steps (t counts updates done), e.g. for chain visualizations.
+
+    Returns:
+        `LangevinResult` with the final noise (detached fp32, same shapes) and per-step diagnostics.
+    """
+    if not noise:
+        raise ValueError("langevin needs at least one noise tensor")
+    noise_source = noise_source if noise_source is not None else BatchNoise()
+    device = noise[0].device
+    shapes = [n.shape for n in noise]
+    drift, diffusion = -0.5 * step_size, math.sqrt(step_size)
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    # Our own fp32 leaves; updated in place below (under no_grad), so no copy per step.
+    eps = [n.detach().to(torch.float32, copy=True).requires_grad_(True) for n in noise]
+    grad_norms, noise_norms, energies = [], [], []
+
+    def maybe_callback(t: int) -> None:
+        if callback is not None and callback_every > 0 and t % callback_every == 0:
+            callback(t, [e.detach().clone() for e in eps])
+
+    maybe_callback(0)
+    for t in range(steps):
+        with autocast:
+            energy = energy_fn(eps)
+        if energy.shape != (shapes[0][0],):
+            raise ValueError(f"energy_fn must return one energy per chain, shape [{shapes[0][0]}], got {list(energy.shape)}")
+        if energy.requires_grad:
+            # d(Σ_b E_b)/dε: per-chain gradients, since chain b's energy depends only on chain b's ε.
+            grads = torch.autograd.grad(energy.float().sum(), eps, allow_unused=True)
+        else:  # the energy does not depend on ε at all (e.g. a zero energy)
+            grads = [None] * len(eps)
+        with torch.no_grad():
+            # ∇U = ∇E + ε: the gradient of ½‖ε‖² is added analytically. Out of place, because autograd
+            # may hand back expanded or shared tensors that must not be written to.
+            grads = [e.clone() if g is None else g + e for g, e in zip(grads, eps)]
+            energies.append(energy.detach().float().mean())
+            grad_norms.append(_per_chain_sq_norm(grads).sqrt().mean())
+            noise_norms.append(_per_chain_sq_norm(eps).sqrt().mean())
+            omegas = noise_source.sample(shapes, device)
+            for e, g, omega in zip(eps, grads, omegas):
+                e.add_(g, alpha=drift).add_(omega, alpha=diffusion)
+        maybe_callback(t + 1)
+
+    def stacked(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(values).cpu() if values else torch.zeros(0)
+
+    return LangevinResult(
+        noise=[e.detach() for e in eps],
+        grad_norm=stacked(grad_norms),
+        noise_norm=stacked(noise_norms),
+        energy=stacked(energies),
+    )
+
+
+def energy_on_generator(
+    generator_fn: Callable[[list[torch.Tensor]], torch.Tensor], energy: Callable[[torch.Tensor], torch.Tensor]
+) -> EnergyFn:
+    """The simplest adapter: ε ↦ energy(generator_fn(ε)), e.g. a pixel energy on a decoder's output."""
+
+    def energy_fn(noise: list[torch.Tensor]) -> torch.Tensor:
+        return energy(generator_fn(noise))
+
+    return energy_fn

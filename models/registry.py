@@ -1,0 +1,17 @@
+"""Build a VAE from its config: the NVAE for images, the MLP VAE for 2-D toy data."""
+from __future__ import annotations
+
+from models.mlp_vae import MLPVAE, MLPVAEConfig
+from models.nvae import NVAE
+from models.nvae.config import NVAEConfig
+
+
+def build_vae(cfg: NVAEConfig | MLPVAEConfig):
+    """Both expose the same noise API: latent_shapes, image_shape, decode, encode_noise, sample."""
+    if isinstance(cfg, MLPVAEConfig):
+        return MLPVAE(cfg)
+    return NVAE(cfg)
+
+
+def is_image_model(vae) -> bool:
+    return len(vae.image_shape) == 3

@@ -1,0 +1,147 @@
+"""Bundles load with torch + safetensors only, never unpickle, and name what is wrong with a bad one."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT
+from models.bundle import BundleError, load_bundle, save_bundle
+from models.energy import EnergyNetConfig, build_energy
+from models.nvae import NVAE, NVAEConfig
+from trainer.errors import run_cli
+
+TRAINING_STACK = ("accelerate", "deepspeed", "webdataset", "tensorboard", "torch_fidelity", "trainer", "yaml", "transformers")
+
+
+def tiny_bundle(path):
+    """An untrained 16×16 NVAE + conv energy, BN statistics readjusted at 0.7 (enough to test loading)."""
+    torch.manual_seed(0)
+    vae = NVAE(NVAEConfig(image_size=16, in_channels=3, channels_enc=8, channels_dec=8, num_latent_scales=2,
+                          groups_per_scale=1, latents_per_group=4, cells_per_cond_enc=1, cells_per_cond_dec=1))
+    with vae.temperature_statistics(0.7, passes=1, batch_size=2):
+        pass
+    cfg = EnergyNetConfig(kind="conv", layout="digits16", base_channels=8, in_channels=3)
+    return save_bundle(path, vae, build_energy(cfg), cfg,
+                       sampling={"steps": 2, "step_size": 1e-3, "temperature": 1.0, "autocast": "no"})
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return tiny_bundle(tmp_path / "bundle")
+
+
+def test_loading_and_sampling_import_no_training_stack(bundle):
+    code = f"""
+import json, sys
+import models
+light = "torch" not in sys.modules
+sampler = models.load_bundle({str(bundle)!r})
+images = sampler.sample(2, init="low-temp", temperature=0.7, seed=0)
+sampler.energy(images)
+sampler.log_density_unnormalized(images, num_samples=1)
+print(json.dumps({{"light": light, "shape": list(images.shape), "modules": sorted(sys.modules)}}))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["light"], "`import models` must not import torch"
+    assert report["shape"] == [2, 3, 16, 16]
+    assert "models.bundle" in report["modules"] and "safetensors" in report["modules"]  # the check sees imports
+    loaded = [m for m in report["modules"] if m.split(".")[0] in TRAINING_STACK]
+    assert loaded == []
+
+
+def test_a_good_bundle_round_trips(bundle):
+    sampler = load_bundle(bundle)
+    assert sampler.temperatures == [0.7] and sampler.kind == "vaebm"
+    state = load_file(bundle / "vae.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in sampler.vae.state_dict().items())
+
+
+def _load(path):
+    """A private copy of a safetensors file's tensors (load_file maps the file; it is rewritten below)."""
+    return {k: v.clone() for k, v in load_file(path).items()}
+
+
+def _missing_file(bundle):
+    (bundle / "energy.safetensors").unlink()
+
+
+def _wrong_shape(bundle):
+    state = _load(bundle / "energy.safetensors")
+    state["conv1.weight"] = state["conv1.weight"][:, :1].contiguous()  # the stem: 3 input channels → 1
+    save_file(state, str(bundle / "energy.safetensors"))
+
+
+def _missing_tensor(bundle):
+    state = _load(bundle / "vae.safetensors")
+    del state["prior_ftr0"]
+    save_file(state, str(bundle / "vae.safetensors"))
+
+
+def _unknown_version(bundle):
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["format_version"] = 99
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+
+
+def _pickle_renamed(bundle):
+    torch.save(_load(bundle / "vae.safetensors"), bundle / "vae.safetensors")
+
+
+def _bad_bn_statistics(bundle):
+    stats = _load(bundle / "bn_stats.safetensors")
+    key = next(iter(stats))
+    stats[key] = torch.zeros(stats[key].numel() + 1)
+    save_file(stats, str(bundle / "bn_stats.safetensors"))
+
+
+def _no_manifest(bundle):
+    (bundle / "bundle.json").unlink()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_missing_file, r"energy\.safetensors' is missing"),
+    (_wrong_shape, r"tensor 'conv1\.weight' has shape \[8, 1, 3, 3\].*expects \[8, 3, 3, 3\]"),
+    (_missing_tensor, r"1 missing tensor\(s\), e\.g\. \['prior_ftr0'\]"),
+    (_unknown_version, r"unknown format version 99"),
+    (_pickle_renamed, r"vae\.safetensors' is not a safetensors file \(it looks like a pickle"),
+    (_bad_bn_statistics, r"bn_stats\.safetensors': tensor 't0\.70/.*' has shape"),
+    (_no_manifest, r"has no bundle\.json"),
+])
+def test_bad_bundles_name_the_problem(bundle, damage, message):
+    damage(bundle)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle)
+
+
+def test_pickled_weights_are_never_unpickled(bundle, monkeypatch):
+    _pickle_renamed(bundle)
+    import pickle
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the loader unpickled a file")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(BundleError):
+        load_bundle(bundle)
+
+
+def test_sample_script_reports_a_bad_bundle_in_one_line(bundle, tmp_path, capsys):
+    _unknown_version(bundle)
+    spec = importlib.util.spec_from_file_location("script_sample", ROOT / "scripts" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: module.main([str(bundle), "--n", "2", "--out", str(tmp_path / "out")]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "unknown format version 99" in err and len(err.splitlines()) == 1
