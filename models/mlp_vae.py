@@ -156,6 +156,21 @@ class MLPVAE(nn.Module):
             z = mu_q + torch.exp(log_sigma_q) * noise
         return self.latents_to_noise([z], x, temperature)
 
+    def posterior_noise(
+        self, x: torch.Tensor, posterior_eps: list[torch.Tensor], temperature: float = 1.0
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(ε_z, ε_x, log w) along z = μ_q + σ_q·posterior_eps[0]; log w = log p(x|z) + log p(z) − log q(z|x)
+        [B] at temperature 1 (an importance weight). Same contract as `NVAE.posterior_noise`."""
+        mu_q, log_sigma_q = self.encode(x)
+        z = mu_q + torch.exp(log_sigma_q) * posterior_eps[0]
+        eps_z, eps_x = self.latents_to_noise([z], x, temperature)
+        x_mean, x_log_sigma = self.decode_params(z)
+        half_log_2pi = 0.5 * math.log(2 * math.pi)
+        log_px_z = (-0.5 * ((x - x_mean) * torch.exp(-x_log_sigma)) ** 2 - x_log_sigma - half_log_2pi).sum(-1)
+        log_pz = (-0.5 * z * z - half_log_2pi).sum(-1)
+        log_qz = (-0.5 * posterior_eps[0] * posterior_eps[0] - log_sigma_q - half_log_2pi).sum(-1)
+        return eps_z, eps_x, log_px_z + log_pz - log_qz
+
     def latents_to_noise(
         self, z: list[torch.Tensor], x: torch.Tensor | None = None, temperature: float = 1.0
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:

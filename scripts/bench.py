@@ -86,16 +86,13 @@ def bench_langevin_command(args) -> dict:
     import torch
 
     from trainer.benchmark_ebm import bench_langevin
-    from trainer.energy_adapters import VAEBMEnergy
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, vae, energy = vaebm_parts(args.config, False, device)
     energy.requires_grad_(False)
-    adapter = VAEBMEnergy(vae, energy, cfg.vae.temperature)
     result = bench_langevin(lambda noise: vae.decode(noise[:-1], noise[-1]).x_sample, energy,
                             [*vae.latent_shapes, vae.image_shape], args.batch_size, args.steps,
                             cfg.langevin.step_size, device=device)
-    del adapter
     return {"config": args.config, **result}
 
 

@@ -96,7 +96,7 @@ def batches(items: list, size: int):
 def write_pngs(out: Path, result, chains: bool) -> None:
     import torch
 
-    from models.bundle import to_uint8
+    from models.sampler import to_uint8
     from trainer.images import make_grid, save_png
 
     images = to_uint8(result.mean)
@@ -121,7 +121,7 @@ def write_npz(path: Path, results: list, is_image: bool, chains: bool) -> None:
     import numpy as np
     import torch
 
-    from models.bundle import to_uint8
+    from models.sampler import to_uint8
 
     arrays = {"index": np.asarray([i for r in results for i in r.indices], dtype=np.int64)}
     if is_image:

@@ -13,12 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import FAST, ROOT, run_script
-from models.bundle import load_bundle, save_bundle, to_uint8
+from models.bundle import load_bundle, save_bundle
+from models.sampler import to_uint8
 from models.energy import EnergyNetConfig, build_energy
 from models.langevin import PerChainNoise, chain_seed
 from models.mlp_vae import MLPVAE, MLPVAEConfig
 from trainer.checkpoint import latest_checkpoint
 from trainer.errors import UserError
+from trainer.config import PRESET_DIR, read_yaml
 
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -65,7 +67,8 @@ def reference(bundle, tmp_path_factory):
 def test_export_writes_configs_weights_statistics_and_provenance(bundle, vaebm_run, nvae_run):
     manifest = json.loads((bundle / "bundle.json").read_text())
     assert manifest["format_version"] == 1 and manifest["kind"] == "vaebm"
-    assert manifest["sampling"]["steps"] == 4 and manifest["sampling"]["step_size"] == pytest.approx(5e-4)
+    preset_step_size = read_yaml(PRESET_DIR / "vaebm" / "digits.yaml")["langevin"]["step_size"]
+    assert manifest["sampling"]["steps"] == 4 and manifest["sampling"]["step_size"] == pytest.approx(float(preset_step_size))
     assert manifest["bn"]["temperatures"] == [0.7, 1.0] and manifest["bn"]["passes"] == 2
     vae_checkpoint = latest_checkpoint(nvae_run)
     assert manifest["source"]["vae_checkpoint"] == str(vae_checkpoint.resolve())
@@ -158,13 +161,12 @@ def test_python_api(bundle):
     assert mean.shape == (2, 3, 32, 32) and mean.min() >= -1 and mean.max() <= 1
 
     # The per-chain posterior walk is NVAE.encode_noise with the noise supplied instead of drawn.
-    from models.bundle import _posterior_walk
 
     x = images.float() / 127.5 - 1
     eps_z, eps_x = sampler.vae.encode_noise(x, 1.0, True, torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
     q_eps = [torch.randn((4, *s), generator=generator) for s in sampler.vae.latent_shapes]
-    walk_z, walk_x, _ = _posterior_walk(sampler.vae, x, q_eps, 1.0)
+    walk_z, walk_x, _ = sampler.vae.posterior_noise(x, q_eps, 1.0)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip([*eps_z, eps_x], [*walk_z, walk_x]))
 
 

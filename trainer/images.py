@@ -9,10 +9,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] in [-1, 1] → uint8 [N, C, H, W] by clamping (no per-image rescaling)."""
-    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+from models.sampler import to_uint8  # noqa: F401 (one conversion for grids, samples and bundles)
 
 
 def make_grid(images: torch.Tensor, ncol: int, pad: int = 1) -> torch.Tensor:

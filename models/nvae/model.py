@@ -300,19 +300,37 @@ class NVAE(BNStatisticsMixin, nn.Module):
         z ~ q(z|x) (its mean before the flows when sample=False), then ε_l = (z_l − μ_p,l)/(t·σ_p,l)
         and ε_x = (x − μ_x)/(t·σ_x), x quantized as in `forward`.
         """
+        draw = (lambda shape: torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)) if sample \
+            else (lambda shape: torch.zeros(shape, device=x.device, dtype=x.dtype))
+        posterior_eps = [draw((x.shape[0], *shape)) for shape in self.latent_shapes]
+        eps_z, eps_x, _ = self.posterior_noise(x, posterior_eps, temperature)
+        return eps_z, eps_x
+
+    def posterior_noise(
+        self, x: torch.Tensor, posterior_eps: list[torch.Tensor], temperature: float = 1.0
+    ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(ε_z, ε_x, log w) along z ~ q(z|x) drawn with the given posterior noise (one tensor per group).
+
+        ε's invert `decode` at `temperature`; log w = log p(x|z) + log p(z) − log q(z|x) [B] at
+        temperature 1 (an importance weight). Chain i's result depends only on its own noise.
+        """
         x = self.quantize(x)
         top, features = self._encode(x)
-        eps_z = []
+        eps_z, log_w = [], []
 
         def posterior_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
             q = self._posterior(g, state, prior_params, top, features)
-            z = self._apply_flows(g, q.sample(generator) if sample else q.mu)
+            z0 = q.sample_given_eps(posterior_eps[g])
+            z = self._apply_flows(g, z0)
             eps_z.append(self._prior(z, prior_params, temperature).eps_given_sample(z))
+            # Volume-preserving flows: log q(z) = log q0(z0), as in `forward`.
+            log_w.append((self._prior(z, prior_params).log_prob(z) - q.log_prob(z0)).sum(dim=(1, 2, 3)))
             return z
 
         _, out = self._decoder(x.shape[0], posterior_latent)
         x_dist = Normal.from_params(out)
-        return eps_z, (x - x_dist.mu) / (temperature * x_dist.sigma)
+        eps_x = (x - x_dist.mu) / (temperature * x_dist.sigma)
+        return eps_z, eps_x, x_dist.log_prob(x).sum(dim=(1, 2, 3)) + torch.stack(log_w).sum(0)
 
     def latents_to_noise(
         self, z: list[torch.Tensor], x: torch.Tensor | None = None, temperature: float = 1.0
