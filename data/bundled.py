@@ -8,7 +8,14 @@
   (astronaut, chelsea, coffee, rocket, immunohistochemistry, hubble_deep_field, motorcycle),
   resized to S×S with Lanczos. Crops are a pure function of (seed, count, S).
 
-`materialize_shards(name, size, cache_dir)` writes either set as shards once and reuses them.
+- `digits-train` / `digits-test`: the fixed stratified 80/20 split of `digits` (`digits_split`). Every
+  model the evaluation experiments train sees `digits-train` only; `digits-test` is the held-out set
+  (digit classifier accuracy, Fréchet distance reference, OOD in-distribution scores).
+- `stacked-digits`: StackedMNIST on digits (VAEBM Table 5): each RGB channel is an independent
+  uniformly drawn `digits-train` image, so the label (100·r + 10·g + b) takes 1,000 values.
+  A pure function of (size, count, seed); 20,000 images by default.
+
+`materialize_shards(name, size, cache_dir)` writes any of these sets as shards once and reuses them.
 """
 from __future__ import annotations
 
@@ -23,8 +30,11 @@ from PIL import Image
 from data.shards import read_index, sample_key, write_shards
 from trainer.errors import UserError
 
-DATASETS = ("digits", "photo-crops")
+DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "stacked-digits")
 PHOTO_CROPS_DEFAULT_COUNT = 512
+DIGITS_TEST_FRACTION = 0.2    # of each class, held out (360 of the 1,797 digits)
+DIGITS_SPLIT_SEED = 0         # fixed on purpose: one split for every experiment and cache
+STACKED_DIGITS_DEFAULT_COUNT = 20_000
 # (skimage.data function, file it reads from the scikit-image install). Only files shipped in
 # the wheel: others would need `pooch` and a network connection.
 _PHOTOS = (
@@ -50,6 +60,51 @@ def load_digits_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         gray = np.stack([np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR)) for g in gray])
     images = np.repeat(gray[..., None], 3, axis=-1)  # [N, S, S, 3]
     return np.ascontiguousarray(images), digits.target.astype(np.int64)
+
+
+def digits_split(labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, test) into the 1,797 digits: per class, a fixed random 20% is held out.
+
+    The one split used everywhere (datasets `digits-train`/`digits-test`, `stacked-digits`, the
+    evaluation experiments), so no model is ever trained on a digit it is evaluated on.
+    """
+    if labels is None:
+        _, labels = load_digits_images(8)
+    rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+    test = []
+    for digit in range(10):
+        members = np.flatnonzero(labels == digit)
+        test.append(rng.permutation(members)[:int(round(DIGITS_TEST_FRACTION * len(members)))])
+    test = np.sort(np.concatenate(test))
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return train, test
+
+
+def load_digits_split(split: str, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """One side of `digits_split`: images [N, size, size, 3] uint8 and labels [N] (split "train" or "test")."""
+    if split not in ("train", "test"):
+        raise UserError(f"digits split must be 'train' or 'test', got {split!r}")
+    images, labels = load_digits_images(size)
+    train, test = digits_split(labels)
+    chosen = train if split == "train" else test
+    return images[chosen], labels[chosen]
+
+
+def load_stacked_digits(size: int = 32, count: int = STACKED_DIGITS_DEFAULT_COUNT,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stacked digits: images [count, size, size, 3] uint8 and labels [count] in 0..999.
+
+    Channel c of image i is the grey `digits-train` image picked[i, c] (uniform, independent), and
+    the label is 100·digit_r + 10·digit_g + digit_b. Depends only on (size, count, seed).
+    """
+    if count < 1:
+        raise UserError(f"stacked-digits needs count >= 1, got {count}")
+    gray, labels = load_digits_split("train", size)
+    gray = gray[..., 0]  # [N, S, S]: the three channels of a bundled digit are equal
+    picked = np.random.default_rng([seed, size, count]).integers(len(gray), size=(count, 3))
+    images = np.stack([gray[picked[:, c]] for c in range(3)], axis=-1)  # [count, S, S, 3]
+    stacked_labels = labels[picked] @ np.array([100, 10, 1])
+    return np.ascontiguousarray(images), stacked_labels.astype(np.int64)
 
 
 def _load_photos() -> list[np.ndarray]:
@@ -106,6 +161,16 @@ def _bundled_samples(name: str, size: int, count: int | None, seed: int):
     if name == "photo-crops":
         images = load_photo_crops(size, count or PHOTO_CROPS_DEFAULT_COUNT, seed)
         return ((sample_key(i), images[i]) for i in range(len(images))), 64
+    if name in ("digits-train", "digits-test"):
+        images, labels = load_digits_split(name.split("-")[1], size)
+        if count is not None:
+            images, labels = images[:count], labels[:count]
+        samples = ((sample_key(i), images[i], {"cls": int(labels[i])}) for i in range(len(images)))
+        return samples, 96  # 1437 train images → 15 shards, as many as `digits`
+    if name == "stacked-digits":
+        images, labels = load_stacked_digits(size, count or STACKED_DIGITS_DEFAULT_COUNT, seed)
+        samples = ((sample_key(i), images[i], {"cls": int(labels[i])}) for i in range(len(images)))
+        return samples, 1000
     raise UserError(f"unknown bundled dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

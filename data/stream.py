@@ -10,6 +10,11 @@ How `TrainStream` splits and orders data (W = DataLoader workers per rank, at le
 - each worker shuffles its raw (still encoded) samples through a buffer seeded by (seed, e, g),
   decodes only after the shuffle, and flips horizontally when a hash of (seed, e, g, position) says
   so. Batches are made inside the worker; leftovers at an epoch end carry over into the next epoch.
+- `split="global"` (world-size-invariant order): every rank runs the W workers of a 1-process
+  stream (g = w, G = W) with the global batch size (batch_size × world_size) and keeps rows
+  [rank·B, (rank+1)·B) of each global batch, so the sample order does not depend on the number of
+  processes. Each rank reads and decodes the whole global batch (data cost × world_size): meant for
+  equality checks and small runs; "shards" (the default) scales.
 - a worker's position is (epoch, cursor): cursor counts the raw samples it has consumed in that
   epoch, skipped ones included. Every batch carries its worker id and the position right after it.
   The main process hands batch b out from worker b % W (per-worker queues undo the round-robin
@@ -50,6 +55,7 @@ MIN_SEEN_FOR_SKIP_CHECK = 200
 _MAX_PROBLEMS_PER_BATCH = 32
 _BUFFER_SLOTS = 4  # per worker: DataLoader prefetch (2) + one being filled + one spare
 STATE_VERSION = 1
+SPLITS = ("shards", "global")  # how a TrainStream divides the data among processes (module docstring)
 
 
 class TooManySkippedError(UserError):
@@ -292,13 +298,18 @@ class TrainStream:
     when the shards have labels), "key": list[str]} forever (epochs=None, every batch full) or for
     `epochs` epochs (then each worker's last partial batch is yielded too). Each `iter()` starts
     from the current state (fresh DataLoader workers; persistent workers would keep a stale start).
-    `seen_samples` / `skipped_samples` count what the handed-out batches consumed (restored on resume).
+    `seen_samples` / `skipped_samples` count what the handed-out batches consumed (restored on resume;
+    with `split="global"` they count the whole global batches every rank reads).
     Never pass it to `accelerator.prepare()`: it already splits by rank.
+
+    `split`: "shards" (each rank reads its own shards) or "global" (each rank keeps its rows of the
+    world-size-invariant global batches; a finite stream's last partial global batch is cut the same
+    way, so a rank may get a short or empty last batch, and every rank yields the same number).
     """
 
     def __init__(self, shards: str | Path, batch_size: int, seed: int, rank: int, world_size: int,
                  num_workers: int, image_size: int, hflip: bool, epochs: int | None = None,
-                 max_skip_fraction: float = 0.01, shuffle_buffer: int = 1000):
+                 max_skip_fraction: float = 0.01, shuffle_buffer: int = 1000, split: str = "shards"):
         self.index = read_index(Path(shards))
         if self.index["size"] != image_size:
             raise UserError(f"shards in {shards} are {self.index['size']}x{self.index['size']} "
@@ -307,15 +318,20 @@ class TrainStream:
             raise UserError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {', '.join(SPLITS)}, got '{split}'")
         self.workers = max(num_workers, 1)  # num_workers=0 reads in-process as one worker
-        needed = world_size * self.workers
+        # The readers: this rank's share of the shards, or (global) the workers of a 1-process stream.
+        self._readers = world_size if split == "shards" else 1
+        needed = self._readers * self.workers
         if len(self.index["shards"]) < needed:
-            raise UserError(f"{shards} has {len(self.index['shards'])} shards, fewer than world_size x num_workers "
-                            f"= {world_size} x {self.workers} = {needed}; write smaller shards or use fewer workers")
+            readers = "world_size" if split == "shards" else "1 (split=global)"
+            raise UserError(f"{shards} has {len(self.index['shards'])} shards, fewer than {readers} x num_workers "
+                            f"= {self._readers} x {self.workers} = {needed}; write smaller shards or use fewer workers")
         self.shards_dir, self.batch_size, self.seed = Path(self.index["root"]), batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.image_size, self.hflip, self.epochs = image_size, hflip, epochs
-        self.max_skip_fraction, self.shuffle_buffer = max_skip_fraction, shuffle_buffer
+        self.max_skip_fraction, self.shuffle_buffer, self.split = max_skip_fraction, shuffle_buffer, split
         self._positions = [(0, 0)] * self.workers
         self._batches = 0
         self._next_worker = 0
@@ -328,15 +344,16 @@ class TrainStream:
         """Positions as of the last batch handed to the caller (JSON-serializable)."""
         return {
             "version": STATE_VERSION, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-            "num_workers": self.workers, "batches": self._batches, "next_worker": self._next_worker,
+            "split": self.split, "num_workers": self.workers, "batches": self._batches, "next_worker": self._next_worker,
             "workers": [{"epoch": e, "cursor": c} for e, c in self._positions],
             "seen_samples": self.seen_samples, "skipped_samples": self.skipped_samples,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken. Call before iterating."""
+        state = {"split": "shards", **state}  # checkpoints from before `split` existed
         for field, mine in (("world_size", self.world_size), ("num_workers", self.workers),
-                            ("rank", self.rank), ("seed", self.seed)):
+                            ("rank", self.rank), ("seed", self.seed), ("split", self.split)):
             if state.get(field) != mine:
                 raise UserError(f"cannot resume the data stream: checkpoint has {field}={state.get(field)}, "
                                 f"this run has {field}={mine}")
@@ -348,14 +365,29 @@ class TrainStream:
 
     # ---- iteration ----------------------------------------------------------------------
     def _loader(self, released: torch.Tensor) -> DataLoader:
+        if self.split == "shards":
+            batch_size, rank, readers = self.batch_size, self.rank, self.world_size
+        else:  # every rank reads the global batches of a 1-process stream
+            batch_size, rank, readers = self.batch_size * self.world_size, 0, 1
         dataset = _WorkerBatches(
-            self.shards_dir, self.index["shards"], self.index["format"], self.image_size, self.batch_size,
-            self.seed, self.rank, self.world_size, self.workers, self.hflip, self.epochs,
+            self.shards_dir, self.index["shards"], self.index["format"], self.image_size, batch_size,
+            self.seed, rank, readers, self.workers, self.hflip, self.epochs,
             self.shuffle_buffer, list(self._positions), released)
         # Own generator: creating the loader must not consume the global torch RNG (training
         # randomness would then depend on when the stream was (re)started).
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
                           generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")))
+
+    def _my_rows(self, batch: dict) -> dict:
+        """With split="global": this rank's rows [rank·B, (rank+1)·B) of a global batch (uint8, before
+        the float conversion, so only they are converted)."""
+        if self.split == "shards":
+            return batch
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        batch["pixels"], batch["key"] = batch["pixels"][rows], batch["key"][rows]
+        if "label" in batch:
+            batch["label"] = batch["label"][rows]
+        return batch
 
     def _account(self, item: dict) -> None:
         """Fold one worker item's counters into the totals; log and enforce the skip budget."""
@@ -389,7 +421,7 @@ class TrainStream:
                     sender = item["_worker"]
                     if "pixels" in item:  # copy out at once so that the worker may reuse its buffer
                         mapped[sender].append(item["pixels"])
-                        item = _finish_batch(item)
+                        item = _finish_batch(self._my_rows(item))
                         released[sender] += 1
                     queues[sender].append(item)
                     if item.get("_end"):

@@ -3,7 +3,7 @@
 A bundle is a directory written by `scripts/export.py` (atomically: a temporary directory renamed
 into place):
 
-    bundle.json            format name and version, kind (vae | vaebm), the VAE config (type nvae | mlp),
+    bundle.json            format name and version, kind (vae | vaebm), the VAE config (type nvae | mlp | hvae),
                            the energy-network config (VAEBM), the sampling defaults of the preset
                            (Langevin steps = langevin.sample_steps, step size, temperature), the
                            temperatures with readjusted BN statistics, the source run/step/checkpoints,
@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.energy import EnergyNetConfig, build_energy
+from models.hvae import HVAE, HVAEConfig
 from models.mlp_vae import MLPVAE, MLPVAEConfig
 from models.nvae.bn_stats import temperature_key
 from models.nvae.config import NVAEConfig
@@ -73,6 +74,8 @@ def vae_type(vae) -> str:
         return "nvae"
     if isinstance(vae, MLPVAE):
         return "mlp"
+    if isinstance(vae, HVAE):
+        return "hvae"
     raise TypeError(f"cannot bundle a VAE of type {type(vae).__name__}")
 
 
@@ -82,6 +85,7 @@ def save_bundle(
     energy: torch.nn.Module | None = None,
     energy_config: EnergyNetConfig | None = None,
     *,
+    method: str = "vaebm",
     sampling: dict[str, Any],
     source: dict[str, Any] | None = None,
     bn: dict[str, Any] | None = None,
@@ -89,6 +93,7 @@ def save_bundle(
 ) -> Path:
     """Write a bundle directory atomically (temporary directory, then rename); returns its path.
 
+    `method`: the energy method (`models/adapters.py`: vaebm, latent-tilting, joint-prior).
     `sampling`: defaults {steps, step_size, temperature, autocast}. The readjusted BN statistics are
     the VAE's per-temperature cache (`NVAE.bn_cache_state()`: fill it with `temperature_statistics`
     first); `bn` adds how they were computed (passes, batch size). `source`: provenance, any JSON.
@@ -122,7 +127,8 @@ def save_bundle(
             "format_version": FORMAT_VERSION,
             "kind": "vaebm" if energy is not None else "vae",
             "vae": {"type": kind, "config": dataclasses.asdict(vae.cfg), "file": VAE_FILE},
-            "energy": None if energy is None else {"config": dataclasses.asdict(energy_config), "file": ENERGY_FILE},
+            "energy": None if energy is None else {"config": dataclasses.asdict(energy_config), "file": ENERGY_FILE,
+                                                   "method": method},
             "bn": None if kind != "nvae" else {"file": BN_FILE, "temperatures": temperatures, **(bn or {})},
             "sampling": dict(sampling),
             "source": source or {},
@@ -240,11 +246,12 @@ def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> "Bundle
     path = Path(path)
     manifest = read_manifest(path)
     vae_entry = manifest["vae"]
-    if not isinstance(vae_entry, dict) or vae_entry.get("type") not in ("nvae", "mlp"):
-        raise BundleError(f"{MANIFEST}: vae.type must be 'nvae' or 'mlp'")
-    config_cls = NVAEConfig if vae_entry["type"] == "nvae" else MLPVAEConfig
+    vae_classes = {"nvae": (NVAEConfig, NVAE), "mlp": (MLPVAEConfig, MLPVAE), "hvae": (HVAEConfig, HVAE)}
+    if not isinstance(vae_entry, dict) or vae_entry.get("type") not in vae_classes:
+        raise BundleError(f"{MANIFEST}: vae.type must be one of {', '.join(vae_classes)}")
+    config_cls, vae_cls = vae_classes[vae_entry["type"]]
     vae_cfg = _build_config(config_cls, vae_entry.get("config"), f"{MANIFEST} vae.config")
-    vae = NVAE(vae_cfg) if vae_entry["type"] == "nvae" else MLPVAE(vae_cfg)
+    vae = vae_cls(vae_cfg)
     vae_path = path / str(vae_entry.get("file", VAE_FILE))
     state = _read_tensors(vae_path)
     _check_state("VAE", vae_path, vae, state)
@@ -263,7 +270,7 @@ def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> "Bundle
             raise BundleError(f"{MANIFEST}: a vaebm bundle needs an 'energy' entry")
         energy_cfg = _build_config(EnergyNetConfig, energy_entry.get("config"), f"{MANIFEST} energy.config")
         try:
-            energy = build_energy(energy_cfg)
+            energy = build_energy(energy_cfg, vae.latent_shapes)
         except ValueError as err:
             raise BundleError(f"{MANIFEST} energy.config: {err}") from None
         energy_path = path / str(energy_entry.get("file", ENERGY_FILE))

@@ -18,7 +18,10 @@ Linear is plain (no WN) and is excluded from the spectral regularizer. There is 
 layer, so train/eval mode only matters for the one-time data-dependent init.
 
 Input range: the energy scores the decoder's output, so it sees the decoder's range, [−1, 1]
-(DESIGN §4.9). Positives must be mapped to the same range by the caller.
+(DESIGN §4.9). Positives must be mapped to the same range by the caller. A network whose weights
+expect [0, 1] images (the official VAEBM networks, imported by `scripts/import_official.py`) is built
+with `input_range="0..1"`: it still takes [−1, 1] and maps x → (x + 1)/2 before its first conv, an
+exact affine (folding it into the first conv would be wrong at the zero-padded borders).
 
 Parameter names follow the official checkpoints (`conv1`, `blocks.N.conv1/conv2/skip.0`, `linear`),
 so parameter shapes can be compared one-to-one with the official networks (see the tests).
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from models.layers import Conv2d, LipSwish, Swish
 from models.spectral import SpectralRegularizer, collect_convs
@@ -44,6 +48,7 @@ class ConvLayout:
     blocks: tuple[tuple[int, bool], ...]
 
 
+INPUT_RANGES = ("-1..1", "0..1")  # image ranges a conv energy's weights can expect (EnergyNetConfig.input_range)
 D, S = True, False  # a ResBlock that downsamples / keeps the resolution
 LAYOUTS: dict[str, ConvLayout] = {
     # CIFAR-10, C=128: conv 128 | d128, 128 | d256, 256 | d256, 256 | FC. 32 → 4. 5.14 M params.
@@ -71,7 +76,8 @@ class EnergyNetConfig:
     """Which energy network to build (`build_energy`)."""
 
     kind: str = "conv"
-    """"conv" (image energy, a Table 7 layout) or "mlp" (2-D points, latent vectors)."""
+    """"conv" (image energy, a Table 7 layout), "mlp" (2-D points, vectors) or "latent" (the joint
+    latent EBM prior's energy over all latent groups, `models/latent_energy.py`)."""
     layout: str = "cifar10"
     """Conv layout name, a key of `LAYOUTS`."""
     base_channels: int | None = None
@@ -82,12 +88,28 @@ class EnergyNetConfig:
     """Image channels (3 for RGB, 1 for grey digits)."""
     data_init: bool = True
     """Data-dependent init of the WN convs (paper: on; the official distributed script: off)."""
+    input_range: str = "-1..1"
+    """Conv only: the image range the weights expect. Inputs are always [−1, 1]; "0..1" (official
+    VAEBM networks) maps them to [0, 1] inside the network."""
+    gradient_checkpointing: bool = False
+    """Conv only: recompute each ResBlock's activations during backward (less memory at 256×256,
+    more compute; same energies and gradients). A runtime switch: a resumed run may change it."""
     input_dim: int = 2
     """MLP input size: 2 for 2-D toys, the flattened latent size for latent energies."""
     hidden: int = 256
     """MLP hidden width."""
     depth: int = 4
-    """Number of hidden layers of the MLP."""
+    """Number of hidden layers of the MLP (for "latent": of each vector group's feature MLP)."""
+    layerwise: bool = True
+    """"latent" only: the layer-wise terms f_l(z_l)."""
+    joint: bool = True
+    """"latent" only: the joint coupling term f_joint(z_1, …, z_L)."""
+
+    def validate(self) -> None:
+        if self.input_range not in INPUT_RANGES:
+            raise ValueError(f"input_range must be one of {', '.join(INPUT_RANGES)}, got {self.input_range!r}")
+        if self.input_range != "-1..1" and self.kind != "conv":
+            raise ValueError(f"input_range {self.input_range!r} applies to conv energies only (kind is {self.kind!r})")
 
 
 class ResBlock(nn.Module):
@@ -146,7 +168,12 @@ class EnergyBase(nn.Module):
 
 
 class ConvEnergy(EnergyBase):
-    """Conv ResNet energy of Table 7. Input [B, in_channels, H, W] in [−1, 1]; output energies [B]."""
+    """Conv ResNet energy of Table 7. Input [B, in_channels, H, W] in [−1, 1]; output energies [B].
+
+    `input_range="0..1"`: the weights expect [0, 1] images (official VAEBM networks); the [−1, 1]
+    input is mapped there first. `gradient_checkpointing`: each ResBlock is recomputed in backward
+    (non-reentrant `torch.utils.checkpoint`) whenever a graph is recorded, Langevin's included.
+    """
 
     def __init__(
         self,
@@ -155,8 +182,14 @@ class ConvEnergy(EnergyBase):
         base_channels: int | None = None,
         image_size: int | None = None,
         data_init: bool = True,
+        input_range: str = "-1..1",
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
+        if input_range not in INPUT_RANGES:
+            raise ValueError(f"input_range must be one of {', '.join(INPUT_RANGES)}, got {input_range!r}")
+        self.input_range = input_range
+        self.gradient_checkpointing = gradient_checkpointing  # settable on the instance
         c = base_channels or layout.base_channels
         self.image_size = image_size or layout.image_size
         num_down = sum(down for _, down in layout.blocks)
@@ -174,8 +207,18 @@ class ConvEnergy(EnergyBase):
         self.spectral = SpectralRegularizer(collect_convs(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] → energies [B]."""
-        h = self.blocks(self.act(self.conv1(x)))
+        """x: [B, C, H, W] in [−1, 1] → energies [B]."""
+        if self.input_range == "0..1":
+            x = (x + 1.0) * 0.5
+        h = self.act(self.conv1(x))
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # Non-reentrant: works when only the input needs a gradient (Langevin) and keeps no
+                # block activations, only each block's input. No randomness or BN inside, so the
+                # recomputed activations are exact.
+                h = checkpoint(block, h, use_reentrant=False)
+            else:
+                h = block(h)
         h = h.sum(dim=(2, 3))  # global SUM pooling (not mean): [B, C_last]
         return self.linear(h).squeeze(-1)
 
@@ -209,15 +252,23 @@ class MLPEnergy(EnergyBase):
         return self.net[0].weight.new_zeros(())
 
 
-def build_energy(cfg: EnergyNetConfig) -> EnergyBase:
-    """The energy network described by `cfg`."""
+def build_energy(cfg: EnergyNetConfig, latent_shapes: list[tuple[int, ...]] | None = None) -> nn.Module:
+    """The energy network described by `cfg`. A "latent" energy also needs the VAE's per-sample
+    `latent_shapes` (top group first), which are a property of the VAE, not of the config."""
     if cfg.kind == "mlp":
         return MLPEnergy(cfg.input_dim, cfg.hidden, cfg.depth)
+    if cfg.kind == "latent":
+        from models.latent_energy import LatentEnergy
+
+        if latent_shapes is None:
+            raise ValueError("a latent energy needs the VAE's latent_shapes")
+        return LatentEnergy(latent_shapes, cfg.hidden, cfg.depth, cfg.layerwise, cfg.joint)
     if cfg.kind != "conv":
-        raise ValueError(f"unknown energy kind {cfg.kind!r}; expected 'conv' or 'mlp'")
+        raise ValueError(f"unknown energy kind {cfg.kind!r}; expected 'conv', 'mlp' or 'latent'")
     if cfg.layout not in LAYOUTS:
         raise ValueError(f"unknown energy layout {cfg.layout!r}; known: {', '.join(LAYOUTS)}")
-    return ConvEnergy(LAYOUTS[cfg.layout], cfg.in_channels, cfg.base_channels, cfg.image_size, cfg.data_init)
+    return ConvEnergy(LAYOUTS[cfg.layout], cfg.in_channels, cfg.base_channels, cfg.image_size, cfg.data_init,
+                      cfg.input_range, cfg.gradient_checkpointing)
 
 
 def count_parameters(module: nn.Module) -> int:

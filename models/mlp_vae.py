@@ -171,6 +171,10 @@ class MLPVAE(nn.Module):
         log_qz = (-0.5 * posterior_eps[0] * posterior_eps[0] - log_sigma_q - half_log_2pi).sum(-1)
         return eps_z, eps_x, log_px_z + log_pz - log_qz
 
+    def prior_log_prob(self, z: list[torch.Tensor]) -> torch.Tensor:
+        """log p(z) [B] of given latents [[B, L]]: the standard normal (it has no parameters)."""
+        return (-0.5 * z[0] * z[0] - 0.5 * math.log(2 * math.pi)).sum(-1)
+
     def latents_to_noise(
         self, z: list[torch.Tensor], x: torch.Tensor | None = None, temperature: float = 1.0
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:

@@ -1,5 +1,8 @@
 """The sampler of a loaded bundle (`BundleSampler`): one Langevin sampler, per-chain noise.
 
+The bundle's energy method (`models/adapters.py`) decides what Langevin moves: (ε_z, ε_x) for VAEBM,
+ε_z only for latent tilting and the joint latent prior (ε_x then stays as drawn).
+
 Sampling (`BundleSampler.sample_indices`; DESIGN §2, VAEBM App. E). Chain i's initial noise and
 Langevin noise come from its own generator seeded `chain_seed(seed, i)`, so image i depends only on
 (seed, i), whatever the batch size or number of processes (bit-exact on CPU in our tests; other
@@ -29,6 +32,7 @@ from typing import Any, Sequence
 
 import torch
 
+from models.adapters import build_adapter
 from models.langevin import PerChainNoise, chain_seed, langevin
 from models.nvae.bn_stats import temperature_key
 from models.nvae.model import NVAE
@@ -80,11 +84,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def _as_float_images(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images → [−1, 1]; floats are taken to be in [−1, 1] already."""
-    if x.dtype == torch.uint8:
-        return x.float() / 127.5 - 1.0
-    return x.float()
+def _to_model_range(x: torch.Tensor, is_image: bool) -> torch.Tensor:
+    """Images given as uint8 or float in [0, 1] (the official VAEBM convention) → the models' [−1, 1];
+    toy points [N, D] are taken as they are."""
+    if not is_image:
+        return x.float()
+    return (x.float() / 255.0 if x.dtype == torch.uint8 else x.float()) * 2.0 - 1.0
 
 
 class BundleSampler:
@@ -104,6 +109,12 @@ class BundleSampler:
     @property
     def kind(self) -> str:
         return self.manifest["kind"]
+
+    @property
+    def method(self) -> str | None:
+        """The energy method (vaebm, latent-tilting, joint-prior), None for a VAE-only bundle."""
+        entry = self.manifest.get("energy")
+        return None if not entry else entry.get("method", "vaebm")
 
     @property
     def is_image(self) -> bool:
@@ -191,24 +202,22 @@ class BundleSampler:
         frames: list[torch.Tensor] = []
         frame_steps: list[int] = []
 
-        def record(t: int, eps: list[torch.Tensor]) -> None:
+        def record(t: int, eps_z: list[torch.Tensor]) -> None:
             with torch.no_grad(), self._statistics(final_stats):
-                frames.append(vae.decode(eps[:-1], None, chain_t).x_mean.float().cpu())
+                frames.append(vae.decode(eps_z, None, chain_t).x_mean.float().cpu())
             frame_steps.append(t)
 
         if opts.steps > 0:
-            energy_net = self.energy_net
-
-            def energy_fn(eps: list[torch.Tensor]) -> torch.Tensor:
-                return energy_net(vae.decode(eps[:-1], eps[-1], chain_t).x_sample)
-
+            adapter = build_adapter(self.method, vae, self.energy_net, chain_t)
+            moved = noise if adapter.moves_eps_x else noise[:-1]  # latent methods keep ε_x as drawn
             with torch.inference_mode(False), torch.enable_grad():
-                result = langevin(noise, energy_fn, opts.steps, opts.step_size, noise_source,
+                result = langevin(moved, adapter, opts.steps, opts.step_size, noise_source,
                                   autocast_dtype=AUTOCAST[opts.autocast],
-                                  callback=record if chains_every > 0 else None, callback_every=chains_every)
-            noise = result.noise
+                                  callback=(lambda t, eps: record(t, adapter.latent_noise(eps))) if chains_every > 0 else None,
+                                  callback_every=chains_every)
+            noise = result.noise if adapter.moves_eps_x else [*result.noise, noise[-1]]
         elif chains_every > 0:
-            record(0, noise)
+            record(0, noise[:-1])
         with torch.inference_mode(False), torch.no_grad(), self._statistics(final_stats):
             generation = vae.decode(noise[:-1], noise[-1], chain_t)
         sample = None if generation.x_sample is None else generation.x_sample.float().cpu()
@@ -238,11 +247,15 @@ class BundleSampler:
     # --- scoring -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def energy(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """E_ψ(x) [N] (float, CPU) for images uint8 [N, C, H, W] or float in [−1, 1] (or toy points [N, D])."""
-        if self.energy_net is None:
-            raise SamplingOptionError("this bundle has no energy network (an NVAE-only export)")
-        x = _as_float_images(x)
+    def energy(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """E_ψ(x) [N] (float, CPU) of images [N, C, H, W], uint8 or float in [0, 1] (the official VAEBM
+        convention; `decoder_mean` output m maps there as (m + 1)/2). Toy bundles take points [N, D] as is.
+
+        The networks themselves take [−1, 1] (DESIGN §4.9), so images are mapped there first; an imported
+        official network maps back to the [0, 1] its weights expect (`EnergyNetConfig.input_range`).
+        """
+        self._require_data_energy()
+        x = _to_model_range(images, self.is_image)
         return torch.cat([self.energy_net(chunk.to(self.device)).float().cpu() for chunk in x.split(batch_size)])
 
     @torch.no_grad()
@@ -250,17 +263,19 @@ class BundleSampler:
                                  batch_size: int = 64) -> torch.Tensor:
         """log h(x) = −E_ψ(x) + log p̂_vae(x), up to the VAEBM normalizing constant, [N] (float, CPU).
 
-        log p̂_vae is the importance-weighted estimate (IWAE, Burda et al.) with `num_samples` posterior
+        x: images uint8 or float in [0, 1] (as `energy`), or toy points. log p̂_vae is the importance-weighted estimate (IWAE, Burda et al.) with `num_samples` posterior
         samples: log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x), a stochastic lower bound on log p_vae(x)
         (K = 1: the one-sample ELBO), at temperature 1 with the original BN statistics. p(x|z) is the
-        decoder's Gaussian DENSITY of x in [−1, 1] units (uint8 input is mapped there; NVAE inputs are
+        decoder's Gaussian DENSITY of x in the model's [−1, 1] units (inputs are mapped there; NVAE inputs are
         quantized to num_x_bits first), without a discretization correction: compare scores of inputs
         of the same shape only (e.g. OOD AUROC). The posterior noise of x_j comes from chain_seed(seed, j),
         so a score does not depend on the batch. For NVAE-only bundles the energy term is 0.
         """
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        x = _as_float_images(x)
+        if self.energy_net is not None:
+            self._require_data_energy(pixel_space=True)
+        x = _to_model_range(x, self.is_image)
         scores = []
         for start in range(0, x.shape[0], batch_size):
             chunk = x[start:start + batch_size].to(self.device)
@@ -275,11 +290,25 @@ class BundleSampler:
             scores.append(log_p.cpu())
         return torch.cat(scores)
 
+    def _require_data_energy(self, pixel_space: bool = False) -> None:
+        """Refuse energy calls the bundle's method cannot answer (with a clear message)."""
+        if self.energy_net is None:
+            raise SamplingOptionError("this bundle has no energy network (an NVAE-only export)")
+        if self.method == "joint-prior":
+            raise SamplingOptionError("this bundle's energy scores latents (joint-prior), not images")
+        if pixel_space and self.method != "vaebm":
+            raise SamplingOptionError(f"log h(x) = log p_vae(x) − E(x) holds for VAEBM bundles; this one is {self.method}")
+
     @torch.no_grad()
     def decoder_mean(self, eps_z: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-        """μ_x(z(ε_z)) at `temperature` with the original BN statistics, clamped to [−1, 1]: [N, C, H, W] (CPU)."""
+        """μ_x(z(ε_z)) [N, C, H, W] (CPU) at `temperature` with the original BN statistics.
+
+        eps_z: one noise tensor per latent group, top (lowest-resolution) group first, each
+        [N, *latent_shape]. The mean is in the model's [−1, 1] units and, like the official decoder's,
+        only soft-clamped: values slightly outside [−1, 1] occur (`to_uint8` clamps them for pixels).
+        """
         eps_z = [e.to(self.device, torch.float32) for e in eps_z]
-        return self.vae.decode(eps_z, None, temperature).x_mean.float().clamp(-1, 1).cpu()
+        return self.vae.decode(eps_z, None, temperature).x_mean.float().cpu()
 
     def __repr__(self) -> str:
         return (f"BundleSampler({str(self.path)!r}, kind={self.kind}, vae={self.manifest['vae']['type']}, "

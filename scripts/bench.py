@@ -64,7 +64,8 @@ def bench_data_command(args) -> dict:
 
 
 def vaebm_parts(name: str, checkpointing: bool, device):
-    """A randomly initialized NVAE (the NVAE preset `name`) and the VAEBM preset's energy network."""
+    """A randomly initialized NVAE (the NVAE preset `name`) and the VAEBM preset's energy network;
+    `checkpointing` switches gradient checkpointing on in both (NVAE cells, energy ResBlocks)."""
     import torch
 
     from models.energy import build_energy
@@ -73,6 +74,7 @@ def vaebm_parts(name: str, checkpointing: bool, device):
     from trainer.vaebm_sections import VAEBMTrainingConfig
 
     cfg = load_config(VAEBMTrainingConfig, "vaebm", name, ["vae.path=unused", "data.shards=unused"])
+    cfg.energy.gradient_checkpointing = checkpointing
     model_cfg = nvae_config(name)
     model_cfg.gradient_checkpointing = checkpointing
     torch.manual_seed(0)

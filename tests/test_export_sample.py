@@ -147,18 +147,22 @@ def test_python_api(bundle):
     first = sampler.sample(2, steps=1, generator=torch.Generator().manual_seed(1))
     assert torch.equal(first, sampler.sample(2, steps=1, generator=torch.Generator().manual_seed(1)))
     energy = sampler.energy(images)
-    assert energy.shape == (4,) and torch.allclose(energy, sampler.energy(images.float() / 127.5 - 1))
+    assert energy.shape == (4,) and torch.allclose(energy, sampler.energy(images.float() / 255), atol=1e-5)
+    x = images.float() / 127.5 - 1  # the network's own input range
+    assert torch.allclose(energy, sampler.energy_net(x), atol=1e-5)
     score = sampler.log_density_unnormalized(images, num_samples=2, batch_size=4)
     assert score.shape == (4,) and torch.isfinite(score).all()
     assert torch.allclose(score, sampler.log_density_unnormalized(images, num_samples=2, batch_size=1), rtol=1e-5)
+    assert torch.allclose(score, sampler.log_density_unnormalized(images.float() / 255, num_samples=2), rtol=1e-5)
     # Chains are recorded every k steps, start at the decoded initial noise and move.
     chains = sampler.sample_indices([0, 1], 3, steps=2, chains_every=1)
     assert chains.frame_steps == [0, 1, 2] and torch.equal(chains.frames[-1], chains.mean)
     noise = PerChainNoise([chain_seed(3, i) for i in range(2)]).initial(sampler.noise_shapes)
     assert torch.allclose(chains.frames[0], sampler.vae.decode(noise[:-1], None, 1.0).x_mean, atol=1e-6)
     assert (chains.frames[0] - chains.mean).abs().max() > 1e-3
-    mean = sampler.decoder_mean([torch.randn(2, *s) for s in sampler.vae.latent_shapes], temperature=0.8)
-    assert mean.shape == (2, 3, 32, 32) and mean.min() >= -1 and mean.max() <= 1
+    eps_z = [torch.randn(2, *s) for s in sampler.vae.latent_shapes]
+    mean = sampler.decoder_mean(eps_z, temperature=0.8)  # soft-clamped only, as the official decoder mean
+    assert mean.shape == (2, 3, 32, 32) and torch.equal(mean, sampler.vae.decode(eps_z, None, 0.8).x_mean)
 
     # The per-chain posterior walk is NVAE.encode_noise with the noise supplied instead of drawn.
 

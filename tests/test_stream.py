@@ -201,3 +201,44 @@ def test_toy_stream_resumes_exactly_and_ranks_differ():
     assert all(torch.equal(a["x"], b["x"]) for a, b in zip(reference[3:], itertools.islice(iter(resumed), 2)))
     other_rank = ToyStream(roll, batch_size=16, seed=1, rank=1, world_size=2)
     assert not torch.equal(next(iter(other_rank))["x"], reference[0]["x"])
+
+
+def test_global_split_gives_every_rank_its_rows_of_the_same_global_batches(digits):
+    """split=global: rank r's batch b is rows [r·B, (r+1)·B) of batch b of a 1-process stream with the
+    global batch size, whatever the number of processes (workers, shuffle and flips included)."""
+    reference = take(make_stream(digits, batch_size=48, split="global"), 5)
+    assert [b["key"] for b in reference] == [b["key"] for b in take(make_stream(digits, batch_size=48), 5)]
+    per_rank = [take(make_stream(digits, batch_size=16, rank=r, world_size=3, split="global"), 5) for r in range(3)]
+    for b, expected in enumerate(reference):
+        parts = [per_rank[r][b] for r in range(3)]
+        assert sum((p["key"] for p in parts), []) == expected["key"]
+        assert torch.equal(torch.cat([p["image"] for p in parts]), expected["image"])
+        assert torch.equal(torch.cat([p["label"] for p in parts]), expected["label"])
+    shards_mode = take(make_stream(digits, batch_size=16, rank=1, world_size=3), 1)[0]
+    assert shards_mode["key"] != per_rank[1][0]["key"]  # the default splits the shards instead
+
+
+def test_global_split_resumes_exactly_and_checks_the_split(digits):
+    options = dict(batch_size=16, rank=1, world_size=2, split="global")
+    reference = take(make_stream(digits, **options), 7)
+    first = make_stream(digits, **options)
+    take(first, 4)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = make_stream(digits, **options)
+    resumed.load_state_dict(state)
+    assert [b["key"] for b in take(resumed, 3)] == [b["key"] for b in reference[4:]]
+    with pytest.raises(UserError, match="split=global, this run has split=shards"):
+        make_stream(digits, batch_size=16, rank=1, world_size=2).load_state_dict(state)
+    # Only the workers read shards: 15 shards serve 8 workers on any number of processes.
+    make_stream(digits, world_size=4, num_workers=8, split="global")
+    with pytest.raises(UserError, match="split must be one of"):
+        make_stream(digits, split="interleaved")
+
+
+def test_global_split_last_partial_batch_is_cut_the_same_way(digits):
+    """A finite stream: every rank yields the same number of batches, the rows of each global batch."""
+    batches = [list(make_stream(digits, num_workers=0, batch_size=500, rank=r, world_size=2, epochs=1, split="global"))
+               for r in range(2)]
+    # 1797 = 1000 + 797: rank 0 gets 500 + 500, rank 1 gets 500 + 297.
+    assert [[len(b["key"]) for b in mine] for mine in batches] == [[500, 500], [500, 297]]
+    assert {k for mine in batches for b in mine for k in b["key"]} == ALL_KEYS

@@ -67,6 +67,7 @@ class RunSource:
     vae_checkpoint: Checkpoint
     vae_weights: str  # "ema" or "raw"
     energy_config: Any = None
+    method: str = "vaebm"  # the energy method (models/adapters.py)
     sampling: dict | None = None
     vae_run: Path | None = None
     notes: tuple[str, ...] = ()
@@ -101,7 +102,7 @@ def read_run(run_dir: Path, step: int | None = None, weights: str | None = None)
                          sampling={"steps": 0, "step_size": None, "temperature": 1.0, "autocast": "no"})
     if "energy" not in raw or "vae" not in raw:
         raise UserError(f"'{config_path}' is neither an NVAE run (model section) nor a VAEBM run (energy and vae sections)")
-    cfg = from_dict(VAEBMTrainingConfig, {k: raw[k] for k in ("energy", "vae", "langevin") if k in raw})
+    cfg = from_dict(VAEBMTrainingConfig, {k: raw[k] for k in ("method", "energy", "vae", "langevin") if k in raw})
     if cfg.vae.path is None:
         raise UserError(f"'{config_path}' has no vae.path")
     vae_checkpoint_dir, vae_config_path = resolve_vae_checkpoint(cfg.vae.path)
@@ -119,7 +120,8 @@ def read_run(run_dir: Path, step: int | None = None, weights: str | None = None)
     sampling = {"steps": cfg.langevin.sample_steps, "step_size": cfg.langevin.step_size,
                 "temperature": cfg.vae.temperature, "autocast": cfg.langevin.autocast}
     return RunSource("vaebm", run_dir, checkpoint, vae_config, Checkpoint(vae_checkpoint_dir), weights or cfg.vae.weights,
-                     energy_config=cfg.energy, sampling=sampling, vae_run=vae_config_path.parent, notes=tuple(notes))
+                     energy_config=cfg.energy, method=cfg.method, sampling=sampling, vae_run=vae_config_path.parent,
+                     notes=tuple(notes))
 
 
 def _load(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
@@ -156,11 +158,15 @@ def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: st
 
     vae = build_vae(source.vae_config)
     weight_file = WEIGHT_FILES[source.vae_weights]
-    _load(vae, read_state_dict(source.vae_checkpoint, weight_file), str(source.vae_checkpoint.path / weight_file))
+    if source.kind == "vaebm" and source.checkpoint.has("vae.safetensors"):  # a VAE fine-tuned with its energy prior
+        log(f"using the VAE fine-tuned in {source.checkpoint.path}")
+        _load(vae, read_state_dict(source.checkpoint, "vae.safetensors"), str(source.checkpoint.path / "vae.safetensors"))
+    else:
+        _load(vae, read_state_dict(source.vae_checkpoint, weight_file), str(source.vae_checkpoint.path / weight_file))
     vae = vae.to(device).eval().requires_grad_(False)
     energy = None
     if source.kind == "vaebm":
-        energy = build_energy(source.energy_config)
+        energy = build_energy(source.energy_config, vae.latent_shapes)
         _load(energy, read_state_dict(source.checkpoint, "energy.safetensors"),
               str(source.checkpoint.path / "energy.safetensors"))
 
@@ -188,7 +194,7 @@ def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: st
     }
     try:
         save_bundle(out, vae.cpu(), energy, source.energy_config if energy is not None else None,
-                    sampling=source.sampling, source=provenance,
+                    method=source.method, sampling=source.sampling, source=provenance,
                     bn={"passes": bn_passes, "batch_size": bn_batch_size, "seed": seed} if exported_temperatures else None,
                     overwrite=overwrite)
     except BundleError as err:

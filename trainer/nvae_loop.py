@@ -3,9 +3,16 @@
 Re-running the same command resumes from the newest complete checkpoint in the run directory:
 weights, EMA, optimizer, loss scaler, step, every process's RNG streams and data-stream position. On
 CPU in fp32 a resumed run reproduces an uninterrupted one exactly.
+
+Several processes: gradients are averaged by DDP, BN statistics (`train.sync_bn`) and the KL-balancing
+statistics cover the global batch. With `data.split=global` the data and the posterior noise are also
+functions of the global sample index, so 2 processes with B/2 images each train like 1 process with B
+(the same weights up to float rounding, tested). Image grids are computed by all processes, each its
+share of the grid's columns, and written by the main process.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from pathlib import Path
@@ -13,15 +20,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from models.nvae.cells import set_batchnorm_sync
 from models.registry import build_vae, is_image_model
 from trainer.checkpoint import Checkpoint, CheckpointSaver, latest_checkpoint, rng_state, set_rng_state
 from trainer.config import save_config
 from trainer.ema import EMA
 from trainer.errors import UserError
+from trainer.evaluation.fid import vae_sample_fn
+from trainer.fid_monitor import log_fid, make_training_fid
 from trainer.monitor import RunMonitor
 from trainer.nvae_objective import balanced_kl, kl_balance_alphas, kl_warmup_coeff, nvae_loss, spectral_coeff
-from trainer.runtime import (any_rank, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb, process_seed,
-                             seed_everything, shard_directory)
+from trainer.runtime import (BatchRows, any_rank, batch_inputs, collective_rows, make_accelerator, make_train_stream,
+                             mean_across_processes, peak_memory_mb, process_seed, seed_everything, shard_directory,
+                             sliced_noise)
 from trainer.rundir import prepare_run_dir, stop_requested
 from trainer.schedules import warmup_cosine_lr
 from trainer.sections import NVAETrainingConfig
@@ -37,12 +48,21 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
 
     seed_everything(cfg.train.seed)  # identical initial weights on every process
     model = build_vae(cfg.model)
+    if getattr(model, "pseudo_inputs_from_data", 0):  # VampPrior: pseudo-inputs start as training images
+        model.init_pseudo_inputs(random_images(shard_directory(cfg.data, accelerator), cfg.data.image_size,
+                                               model.pseudo_inputs_from_data, cfg.train.seed))
     ema = EMA(model, cfg.train.ema_decay)
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps,
                                    weight_decay=cfg.optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     net = accelerator.unwrap_model(model)
     ema.shadow.to(accelerator.device)
+    set_batchnorm_sync(net, cfg.train.sync_bn and accelerator.num_processes > 1)  # the EMA copy runs in eval mode
+    rows = BatchRows.of(cfg.data, cfg.train.per_device_batch_size, accelerator)
+    if cfg.data.split == "global" and not takes_posterior_noise(net):
+        raise UserError(f"data.split=global needs posterior noise per global sample, which {type(net).__name__} "
+                        f"does not take; use data.split=shards")
+    reduce_mean = mean_across_processes(accelerator)  # KL-balancing statistics over the global batch
     stream = make_train_stream(cfg.data, cfg.train.per_device_batch_size, cfg.train.seed, accelerator)
     fixed = fixed_inputs(net, shard_directory(cfg.data, accelerator), cfg.data.image_size, accelerator.device) \
         if is_image_model(net) else None  # 2-D toys get no image grids
@@ -50,10 +70,11 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     step = 0
     checkpoint_path = latest_checkpoint(run_dir)
     if checkpoint_path is not None:
-        step = restore(Checkpoint(checkpoint_path), model, ema, optimizer, launch, stream)
+        step = restore(Checkpoint(checkpoint_path), model, ema, optimizer, launch, stream, cfg.train.seed)
     else:
         seed_everything(process_seed(cfg.train.seed, accelerator.process_index))
     monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step)
+    fid = make_training_fid(cfg, fixed is not None, accelerator, monitor.log)
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
                 f"parameters, {accelerator.num_processes} process(es), accumulation {accumulation}, "
                 f"device {accelerator.device}, mixed precision "
@@ -86,11 +107,13 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
         # (Under DeepSpeed the engine steps inside `backward` on that last micro-batch.)
         for micro in range(accumulation):
             x = batch_inputs(next(batches)).to(accelerator.device, non_blocking=True)
+            eps = posterior_noise(net, rows, cfg.train.seed, step, micro, accelerator.device) \
+                if cfg.data.split == "global" else None
             with accelerator.accumulate(model):
                 with launch.autocast():
-                    output = model(x)
+                    output = model(x) if eps is None else model(x, posterior_eps=eps)
                     loss, terms = nvae_loss(output, beta, alphas if cfg.loss.kl_balance else None, lam,
-                                            net.spectral_loss(), net.bn_loss())
+                                            net.spectral_loss(), net.bn_loss(), reduce_mean=reduce_mean)
                 accelerator.backward(loss)
             window["images"] += x.shape[0] * accelerator.num_processes
         if launch.deepspeed:
@@ -119,8 +142,10 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
             monitor.scalars(step, per_group_scalars(output))
             progress.set_postfix(loss=f"{float(loss.detach()):.4g}", img_s=f"{row['img_per_s']:.1f}")
             window.update(images=0, time=time.perf_counter())
-        if fixed and accelerator.is_main_process and (step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)):
-            log_images(monitor, ema.shadow, fixed, step)
+        if fixed and (step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)):
+            log_images(monitor, ema.shadow, fixed, step, accelerator)  # collective: every process computes a share
+        if fid is not None and fid.due(step, stop_step):  # collective, on the EMA weights
+            log_fid(monitor, step, fid.evaluate(vae_sample_fn(ema.shadow, cfg.train.seed)))
         if step % cfg.train.checkpoint_every == 0 or step == stop_step:
             save(step)
             last_saved = step
@@ -156,10 +181,15 @@ def deepspeed_save(engine):
     return lambda staging: engine.save_checkpoint(str(staging / "deepspeed"), tag="state")
 
 
-def restore(checkpoint: Checkpoint, model, ema: EMA, optimizer, launch, stream) -> int:
-    """Load everything a checkpoint holds; returns its step."""
+def restore(checkpoint: Checkpoint, model, ema: EMA, optimizer, launch, stream, seed: int = 0) -> int:
+    """Load everything a checkpoint holds; returns its step.
+
+    An imported checkpoint (`scripts/import_official.py`) holds no per-process state: it resumes on any
+    number of processes with a fresh data stream and per-process seeds from `seed`.
+    """
     accelerator = launch.accelerator
-    if checkpoint.world_size != accelerator.num_processes:
+    imported = "imported" in checkpoint.json("state.json")
+    if checkpoint.world_size != accelerator.num_processes and not imported:
         raise UserError(f"checkpoint '{checkpoint.path}' was written by {checkpoint.world_size} process(es); "
                         f"this launch has {accelerator.num_processes}")
     was_deepspeed = bool(checkpoint.json("state.json").get("deepspeed", False))
@@ -177,9 +207,31 @@ def restore(checkpoint: Checkpoint, model, ema: EMA, optimizer, launch, stream) 
     if accelerator.scaler is not None and checkpoint.has("scaler.pt"):
         accelerator.scaler.load_state_dict(checkpoint.torch("scaler.pt"))
     rank = accelerator.process_index
+    if imported:
+        seed_everything(process_seed(seed, rank))
+        return checkpoint.step
     stream.load_state_dict(checkpoint.json(f"rank-{rank}/data.json"))
     set_rng_state(checkpoint.torch(f"rank-{rank}/rng.pt"))
     return checkpoint.step
+
+
+def random_images(shards: Path, image_size: int, count: int, seed: int, pool: int = 4096) -> torch.Tensor:
+    """`count` images [count, C, H, W] picked at random (by `seed`) among the first `pool` of the shard set.
+
+    The same on every process and for every run with this seed; reads its own stream and generator, so
+    the training RNG and stream do not move. Fewer images than `count` is an error.
+    """
+    from data.stream import EvalStream
+
+    images = []
+    for batch in EvalStream(shards, batch_size=256, rank=0, world_size=1, image_size=image_size):
+        images.append(batch["image"])
+        if sum(len(b) for b in images) >= pool:
+            break
+    images = torch.cat(images)[:pool]
+    if len(images) < count:
+        raise UserError(f"model.pseudo_inputs ({count}) exceeds the {len(images)} images of {shards}")
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]]
 
 
 def fixed_inputs(net, shards: Path, image_size: int, device, count: int = 8) -> dict:
@@ -192,19 +244,50 @@ def fixed_inputs(net, shards: Path, image_size: int, device, count: int = 8) -> 
 
     generator = torch.Generator().manual_seed(1234)
     eps = [torch.randn((count, *shape), generator=generator) for shape in net.latent_shapes]
+    posterior_eps = [torch.randn((count, *shape), generator=generator) for shape in net.latent_shapes] \
+        if takes_posterior_noise(net) else None  # then column i of every grid depends on i alone
     images = next(iter(EvalStream(shards, batch_size=count, rank=0, world_size=1, image_size=image_size)))["image"]
-    return {"eps": [e.to(device) for e in eps], "images": images.to(device)}
+    return {"eps": [e.to(device) for e in eps], "images": images.to(device),
+            "posterior_eps": None if posterior_eps is None else [e.to(device) for e in posterior_eps]}
+
+
+def takes_posterior_noise(net) -> bool:
+    """Whether the model's training forward accepts its posterior noise (`posterior_eps`, the NVAE)."""
+    return "posterior_eps" in inspect.signature(net.forward).parameters
+
+
+def posterior_noise(net, rows: BatchRows, seed: int, step: int, micro: int, device) -> list[torch.Tensor]:
+    """This process's rows of the posterior noise of global micro-batch (step, micro), L × [B, latents, h, w]:
+    drawn for the whole global micro-batch from a generator seeded by (seed, step, micro), the same on
+    every process, so sample i's noise does not depend on the number of processes (data.split=global)."""
+    from data.stream import derive_seed
+
+    generator = torch.Generator(device=device).manual_seed(derive_seed(seed, "posterior", step, micro))
+    return sliced_noise(net.latent_shapes, rows, generator, device)
 
 
 @torch.no_grad()
-def log_images(monitor: RunMonitor, ema_model, fixed: dict, step: int) -> None:
+def log_images(monitor: RunMonitor, ema_model, fixed: dict, step: int, accelerator) -> None:
     """Reconstructions (top: data, bottom: decoder mean) and samples at temperatures 0.6–1.0 from
-    fixed noise, one row per temperature, all with the EMA weights."""
-    with torch.random.fork_rng(devices=[]):  # the posterior sample must not move the run's RNG
-        reconstruction = ema_model(fixed["images"]).x_mean
-    monitor.images("reconstructions", torch.cat([fixed["images"], reconstruction]), step, ncol=len(reconstruction))
-    rows = [ema_model.decode(fixed["eps"], None, temperature=t).x_mean for t in SAMPLE_TEMPERATURES]
-    monitor.images("samples/temperature_0.6-1.0", torch.cat(rows), step, ncol=fixed["eps"][0].shape[0])
+    fixed noise, one row per temperature, all with the EMA weights.
+
+    Collective: every process computes its share of the columns, the main process writes the grids.
+    """
+    def reconstruct(columns: slice) -> torch.Tensor:  # [k, C, H, W]
+        if fixed["posterior_eps"] is None:
+            with torch.random.fork_rng(devices=[]):  # the posterior sample must not move the run's RNG
+                return ema_model(fixed["images"][columns]).x_mean
+        return ema_model(fixed["images"][columns], posterior_eps=[e[columns] for e in fixed["posterior_eps"]]).x_mean
+
+    def samples(columns: slice) -> torch.Tensor:  # [k, temperatures, C, H, W]
+        eps = [e[columns] for e in fixed["eps"]]
+        return torch.stack([ema_model.decode(eps, None, temperature=t).x_mean for t in SAMPLE_TEMPERATURES], dim=1)
+
+    count = len(fixed["images"])
+    reconstruction = collective_rows(accelerator, count, reconstruct)
+    grid = collective_rows(accelerator, count, samples).transpose(0, 1).flatten(0, 1)  # one row per temperature
+    monitor.images("reconstructions", torch.cat([fixed["images"], reconstruction]), step, ncol=count)
+    monitor.images("samples/temperature_0.6-1.0", grid, step, ncol=count)
 
 
 def per_group_scalars(output) -> dict[str, float]:

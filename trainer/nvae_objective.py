@@ -6,8 +6,13 @@ the step, the model output and the regularizer values in.
     loss, terms = nvae_loss(model(x), β, alphas, λ, model.spectral_loss(), model.bn_loss())
 
 loss = mean over the batch of [−log p(x|z) + β·balanced_KL] + λ·(spectral + bn).
+
+In a multi-process run the trainer passes `reduce_mean` (a mean over the processes), so the KL
+balancing coefficients come from the global batch, as on one process holding all of it.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -40,17 +45,23 @@ def kl_balance_alphas(groups_per_scale_in_decoder_order: list[int]) -> torch.Ten
 
 
 def balanced_kl(
-    kl_per_group: list[torch.Tensor], alphas: torch.Tensor | None, kl_coeff: float
+    kl_per_group: list[torch.Tensor], alphas: torch.Tensor | None, kl_coeff: float,
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Σ_l γ_l·KL_l per sample [B], and the γ's [L] (detached). β is *not* applied here.
 
     While β = kl_coeff < 1 (the warm-up), γ_l ∝ (mean_batch |KL_l| + 0.01)/α_l, normalized to
     mean 1, so groups that carry more KL per unit of area are pushed harder and no group
     collapses early. Afterwards, or with alphas=None (balancing off), γ = 1: the plain sum.
+    `reduce_mean` maps the batch means [L] to their mean over the processes (equal batches: the
+    global batch mean); None on one process.
     """
     kl = torch.stack(kl_per_group, dim=1)  # [B, L]
     if alphas is not None and kl_coeff < 1.0:
-        per_group = kl.detach().abs().mean(dim=0) + 0.01
+        per_group = kl.detach().abs().mean(dim=0)
+        if reduce_mean is not None:
+            per_group = reduce_mean(per_group)
+        per_group = per_group + 0.01
         gammas = per_group / alphas.to(device=kl.device, dtype=kl.dtype)
         gammas = gammas / gammas.mean()
     else:
@@ -78,10 +89,12 @@ def nvae_loss(
     spectral_coeff: float,
     spectral_term: torch.Tensor,
     bn_term: torch.Tensor,
+    reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """loss = mean_batch[−log p(x|z) + β·balanced_KL] + λ·(spectral + bn)  (facts §4.1).
 
-    `alphas` from `kl_balance_alphas`, or None to switch KL balancing off.
+    `alphas` from `kl_balance_alphas`, or None to switch KL balancing off. `reduce_mean`: see
+    `balanced_kl` (the KL-balancing statistics over all processes).
 
     Returns the scalar loss and detached 0-dim tensors for logging: `recon` (−log p(x|z)),
     `kl` (unbalanced Σ_l KL_l), `kl_balanced`, `nelbo` (recon + kl, the unbalanced bound, nats per
@@ -93,7 +106,7 @@ def nvae_loss(
         kl_bal = torch.stack(output.kl_per_group, dim=1).sum(dim=1)
         gammas = torch.ones(len(output.kl_per_group))
     else:
-        kl_bal, gammas = balanced_kl(output.kl_per_group, alphas, kl_coeff)
+        kl_bal, gammas = balanced_kl(output.kl_per_group, alphas, kl_coeff, reduce_mean)
     kl = torch.stack(output.kl_per_group, dim=1).sum(dim=1)  # [B]
     loss = (recon + kl_coeff * kl_bal).mean() + spectral_coeff * (spectral_term + bn_term)
     active = torch.stack([(c.detach() > 0.1).sum() for c in output.kl_per_channel]).sum()  # no host sync

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.hvae import HVAEConfig
 from models.mlp_vae import MLPVAEConfig
 from models.nvae.config import NVAEConfig
+from trainer.eval_sections import EvalConfig
 
-BUNDLED_DATASETS = ("digits", "photo-crops")
+BUNDLED_DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "stacked-digits")
 TOY_DATASETS = ("25gaussians", "swissroll")  # 2-D points, generated in memory
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
@@ -26,6 +28,10 @@ class DataConfig:
     shuffle_buffer: int = 1000       # samples in each worker's shuffle buffer
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples is corrupt
     cache_dir: str = "~/.cache/vaebm-trainer"  # where bundled datasets materialize their shards
+    split: str = "shards"            # shards: each process reads its own shards (scales). global: every process
+                                     # reads the same global batches and keeps its rows, and per-sample noise
+                                     # is drawn per global sample, so results do not depend on the number of
+                                     # processes (each process decodes the whole global batch: for checks)
 
     @property
     def is_toy(self) -> bool:
@@ -45,6 +51,10 @@ class DataConfig:
             raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.split not in ("shards", "global"):
+            raise ValueError(f"split must be shards or global, got '{self.split}'")
+        if self.split == "global" and self.is_toy:
+            raise ValueError("split=global reads image shards; 2-D toy streams are always split by process")
 
 
 @dataclass
@@ -61,6 +71,8 @@ class TrainConfig:
     keep_checkpoints: int = 3        # newest complete checkpoints kept (at least 2)
     halt_at_step: int = 0            # if > 0: checkpoint and exit at this step without finishing (pauses, tests)
     progress_bar: bool = True
+    sync_bn: bool = True             # NVAE, several processes: BatchNorm statistics over the whole global batch
+                                     # (one all-reduce per BN layer, as the official NVAE); false: per process
 
     def validate(self) -> None:
         for name in ("max_steps", "global_batch_size", "per_device_batch_size", "log_every", "checkpoint_every"):
@@ -113,13 +125,15 @@ class NVAELossConfig:
 
 @dataclass
 class NVAETrainingConfig:
-    """VAE pretraining: the NVAE on images, or the small MLP VAE on 2-D toy points (`model.data_dim`)."""
+    """VAE pretraining: the NVAE on images, the small MLP VAE on 2-D toy points (`model.data_dim`), or the
+    VampPrior paper's VAE/HVAE on binarized grey images (`model.levels`, `model.prior`)."""
 
-    model: NVAEConfig | MLPVAEConfig = field(default_factory=NVAEConfig)
+    model: NVAEConfig | MLPVAEConfig | HVAEConfig = field(default_factory=NVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: NVAEOptimConfig = field(default_factory=NVAEOptimConfig)
     loss: NVAELossConfig = field(default_factory=NVAELossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         if isinstance(self.model, MLPVAEConfig):
@@ -129,5 +143,8 @@ class NVAETrainingConfig:
             return
         if self.data.is_toy:
             raise ValueError(f"data.dataset '{self.data.dataset}' is 2-D toy data: use an MLP VAE model (see preset toy2d)")
+        if isinstance(self.model, HVAEConfig) and self.loss.kl_balance:
+            raise ValueError("loss.kl_balance must be false for a VAE/HVAE (model.levels): the VampPrior paper warms up "
+                             "the plain KL")
         if self.data.image_size != self.model.image_size:
             raise ValueError(f"data.image_size ({self.data.image_size}) must equal model.image_size ({self.model.image_size})")

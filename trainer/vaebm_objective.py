@@ -1,21 +1,26 @@
-"""VAEBM's energy-training objective and gradient clip, as pure functions."""
+"""The energy-training objective (VAEBM and the latent-space methods) and gradient clip, as pure functions."""
 from __future__ import annotations
 
 import torch
 
 
 def ebm_loss(energy_pos: torch.Tensor, energy_neg: torch.Tensor, spectral: torch.Tensor,
-             spectral_coeff: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """mean E(x+) − mean E(x−) + α_s·Σσ  (VAEBM Eq. 7 with the spectral regularizer).
+             spectral_coeff: float, energy_reg_coeff: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """mean E(+) − mean E(−) + α_s·Σσ + α_r·mean(E(+)² + E(−)²).
 
-    energy_pos: [B] energies of data; energy_neg: [B] energies of Langevin samples (no gradient
-    flows into the samples). Returns the loss and float terms for logging.
+    The first three terms are VAEBM Eq. 7 with the spectral regularizer; the last is the energy
+    regularization of the exponential-tilting paper (App. B, α_r = 0.1), which keeps energies near 0
+    early in training. energy_pos: [B] energies of positives; energy_neg: [B] energies of Langevin
+    samples (no gradient flows into the samples). Returns the loss and float terms for logging.
     """
     pos, neg = energy_pos.float().mean(), energy_neg.float().mean()
     loss = pos - neg + spectral_coeff * spectral.float()
+    magnitude = (energy_pos.float() ** 2).mean() + (energy_neg.float() ** 2).mean()
+    if energy_reg_coeff:
+        loss = loss + energy_reg_coeff * magnitude
     pos, neg, spectral = pos.detach(), neg.detach(), spectral.detach()
     terms = {"energy_pos": float(pos), "energy_neg": float(neg), "energy_gap": float(neg - pos),
-             "spectral": float(spectral)}
+             "spectral": float(spectral), "energy_sq": float(magnitude.detach())}
     return loss, terms
 
 

@@ -1,9 +1,12 @@
-"""The VAEBM training config tree (energy network on a frozen NVAE; VAEBM paper Table 8)."""
+"""The energy-training config tree: an energy on a frozen VAE, trained by one loop for every method
+(VAEBM paper Table 8; latent tilting and the joint latent prior per DESIGN §2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from models.adapters import METHODS
 from models.energy import LAYOUTS, EnergyNetConfig
+from trainer.eval_sections import EvalConfig
 from trainer.sections import DataConfig, TrainConfig
 
 LANGEVIN_AUTOCAST = ("no", "bf16")
@@ -14,6 +17,9 @@ class VAERef:
     path: str | None = None          # NVAE run directory or checkpoint directory (--vae)
     weights: str = "ema"             # ema (default) or raw weights of the NVAE checkpoint
     temperature: float = 1.0         # prior and decoder temperature of T(ε) during training
+    finetune: bool = False           # joint-prior only: also train the VAE under the energy prior (joint
+                                     # fine-tuning of generator and inference network; default two-stage)
+    finetune_lr: float = 1e-5        # Adam learning rate of the VAE when finetune is on
 
     def validate(self) -> None:
         if self.path is None:
@@ -22,6 +28,8 @@ class VAERef:
             raise ValueError(f"weights must be 'ema' or 'raw', got '{self.weights}'")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.finetune_lr <= 0:
+            raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
 
 
 @dataclass
@@ -33,14 +41,15 @@ class EBMOptimConfig:
     clip_std: float = 3.0            # element-wise clip at clip_std·√(bias-corrected v) + clip_offset; 0 disables
     clip_offset: float = 0.1
     spectral_coeff: float = 0.2      # α_s on the sum of spectral norms of the energy's convs
+    energy_reg_coeff: float = 0.0    # α_r on mean(E(+)² + E(−)²) (exponential tilting App. B: 0.1)
 
     def validate(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
-        if self.clip_std < 0 or self.spectral_coeff < 0:
-            raise ValueError("clip_std and spectral_coeff must be >= 0")
+        if self.clip_std < 0 or self.spectral_coeff < 0 or self.energy_reg_coeff < 0:
+            raise ValueError("clip_std, spectral_coeff and energy_reg_coeff must be >= 0")
 
 
 @dataclass
@@ -85,6 +94,8 @@ class DivergenceConfig:
 
 @dataclass
 class VAEBMTrainingConfig:
+    method: str = "vaebm"            # vaebm (pixel energy, moves ε_z and ε_x), latent-tilting (energy on the
+                                     # decoder mean, moves ε_z), joint-prior (energy on the latents, moves ε_z)
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
     vae: VAERef = field(default_factory=VAERef)
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,9 +104,17 @@ class VAEBMTrainingConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     data_init_batches: int = 5       # batches stacked for the energy's data-dependent init
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        if (self.method == "joint-prior") != (self.energy.kind == "latent"):
+            raise ValueError(f"energy.kind '{self.energy.kind}' does not fit method '{self.method}': the joint prior "
+                             "scores latents (energy.kind latent); the other methods score data (conv or mlp)")
+        if self.vae.finetune and self.method != "joint-prior":
+            raise ValueError(f"vae.finetune is for method joint-prior (the VAE stays frozen for {self.method})")
         if self.energy.kind == "conv" and self.energy.layout not in LAYOUTS:
             raise ValueError(f"energy.layout must be one of {', '.join(sorted(LAYOUTS))}, got '{self.energy.layout}'")
         if self.data_init_batches < 1:

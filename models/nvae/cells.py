@@ -14,6 +14,11 @@ are built with `weight_norm=False`, as in the official code.
 Gradient checkpointing: `run_cell` wraps a cell in non-reentrant `torch.utils.checkpoint`. A BN in
 train mode would update its running statistics twice (forward and recompute), so our `BatchNorm2d`
 uses the batch statistics *without* touching the running ones while a recompute is in progress.
+
+Synchronized BN (`set_batchnorm_sync`, the trainer's `train.sync_bn`): in a multi-process run the
+train-mode statistics are those of the whole global batch, as in the official NVAE, so 2 processes
+with B/2 images each normalize like 1 process with B. Written here (`_SyncBatchNorm`) because
+PyTorch's SyncBatchNorm runs on GPUs only; this one works with any process group (gloo on CPU too).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import contextlib
 import threading
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -46,21 +52,104 @@ def _recomputing():
         _recompute_state.active = previous
 
 
+def _channels(t: torch.Tensor) -> torch.Tensor:
+    """[C] → [1, C, 1, 1], to broadcast per-channel values over [B, C, H, W]."""
+    return t[None, :, None, None]
+
+
+class _SyncBatchNorm(torch.autograd.Function):
+    """Train-mode batch norm over the union of every process's batch x [B, C, H, W] (N = Σ B·H·W).
+
+    Forward: each process's per-channel (count, mean, biased variance) are all-gathered and pooled
+    exactly (mean of means, within- plus between-process variance); y = (x − μ)·γ/√(σ² + eps) + β.
+    Backward, with g = dJ/dy of J = Σ_processes loss: the global sums Σg and Σg·x̂ (one all-reduce)
+    give dx = γ/√(σ² + eps)·(g − Σg/N − x̂·Σg·x̂/N), which includes the paths through the other
+    processes' statistics. dγ, dβ are this process's own sums: DDP then averages them like every
+    other gradient, which yields the gradient of the global-batch mean loss. Statistics in fp32;
+    only x is kept for backward, as in nn.BatchNorm2d. Also returns (μ, unbiased σ²), no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
+        local = torch.stack([torch.full_like(mean, x.numel() // x.shape[1]), mean, var])  # [3, C]
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)  # (all_gather_into_tensor is not available with gloo)
+        counts, means, variances = torch.stack(gathered).unbind(1)  # each [R, C]
+        total = counts.sum(0)
+        mean = (counts * means).sum(0) / total
+        var = (counts * (variances + (means - mean).square())).sum(0) / total
+        invstd = torch.rsqrt(var + eps)
+        scale = weight.float() * invstd
+        y = x.float() * _channels(scale) + _channels(bias.float() - mean * scale)
+        ctx.save_for_backward(x, weight, mean, invstd, total)
+        unbiased_var = var * total / (total - 1).clamp_min(1)
+        ctx.mark_non_differentiable(mean, unbiased_var)
+        return y.to(x.dtype), mean, unbiased_var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, mean, invstd, total = ctx.saved_tensors
+        g = grad_y.float()
+        x_hat = (x.float() - _channels(mean)) * _channels(invstd)
+        sum_g, sum_g_xhat = g.sum(dim=(0, 2, 3)), (g * x_hat).sum(dim=(0, 2, 3))  # this process's, [C]
+        global_sums = torch.stack([sum_g, sum_g_xhat])
+        dist.all_reduce(global_sums)
+        grad_x = _channels(weight.float() * invstd) * (
+            g - _channels(global_sums[0] / total) - x_hat * _channels(global_sums[1] / total))
+        return grad_x.to(x.dtype), sum_g_xhat.to(weight.dtype), sum_g.to(weight.dtype), None
+
+
+def _process_group_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d that does not update its running statistics during a checkpoint recompute.
+    """nn.BatchNorm2d that does not update its running statistics during a checkpoint recompute,
+    and that can normalize by the statistics of the whole global batch (`synchronized`).
 
     In train mode the output uses the batch statistics either way, so the recomputed activations
     equal the original ones; only the (second) running-statistics update is skipped. The flag is
     thread-local because autograd may run the recompute on its own device thread.
+
+    `synchronized` (set by `set_batchnorm_sync`) takes effect only in train mode with a process
+    group of more than one process; every process must then run the same forward and backward
+    passes (a training step does). The running statistics are updated with the global mean and
+    unbiased variance, as one process holding the whole global batch would update them.
     """
 
+    synchronized = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.synchronized and _process_group_size() > 1:
+            return self._synchronized_forward(x)
         if self.training and getattr(_recompute_state, "active", False):
             # Throw-away copies of the running statistics: the op saves the same tensors for
             # backward as in the original forward (checkpoint checks the count), updates nothing.
             running_mean, running_var = self.running_mean.clone(), self.running_var.clone()
             return F.batch_norm(x, running_mean, running_var, self.weight, self.bias, True, self.momentum, self.eps)
         return super().forward(x)
+
+    def _synchronized_forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        weight = self.weight if self.weight is not None else x.new_ones(channels, dtype=torch.float32)
+        bias = self.bias if self.bias is not None else x.new_zeros(channels, dtype=torch.float32)
+        y, mean, unbiased_var = _SyncBatchNorm.apply(x, weight, bias, self.eps)
+        if self.track_running_stats and not getattr(_recompute_state, "active", False):
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), factor)
+        return y
+
+
+def set_batchnorm_sync(module: nn.Module, enabled: bool) -> int:
+    """Switch global-batch statistics on or off for every `BatchNorm2d` in `module`; returns their number."""
+    layers = [m for m in module.modules() if isinstance(m, BatchNorm2d)]
+    for layer in layers:
+        layer.synchronized = enabled
+    return len(layers)
 
 
 def run_cell(cell: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:

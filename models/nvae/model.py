@@ -244,15 +244,19 @@ class NVAE(BNStatisticsMixin, nn.Module):
     # ------------------------------------------------------------------------------------------
     # Public passes.
 
-    def forward(self, x: torch.Tensor) -> NVAEOutput:
-        """Training pass: x [B, C, H, W] in [−1, 1] → reconstruction and KL terms."""
+    def forward(self, x: torch.Tensor, posterior_eps: list[torch.Tensor] | None = None) -> NVAEOutput:
+        """Training pass: x [B, C, H, W] in [−1, 1] → reconstruction and KL terms.
+
+        `posterior_eps`: the standard-normal noise of each group's posterior sample (L × [B, latents,
+        h, w], e.g. drawn per global sample by the trainer); None draws it from the global RNG.
+        """
         x = self.quantize(x)
         top, features = self._encode(x)
         kl_terms = []
 
         def posterior_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
             q = self._posterior(g, state, prior_params, top, features)
-            z0 = q.sample()
+            z0 = q.sample() if posterior_eps is None else q.sample_given_eps(posterior_eps[g])
             z = self._apply_flows(g, z0)
             p = self._prior(z, prior_params)
             if self.cfg.num_flows > 0:
@@ -331,6 +335,18 @@ class NVAE(BNStatisticsMixin, nn.Module):
         x_dist = Normal.from_params(out)
         eps_x = (x - x_dist.mu) / (temperature * x_dist.sigma)
         return eps_z, eps_x, x_dist.log_prob(x).sum(dim=(1, 2, 3)) + torch.stack(log_w).sum(0)
+
+    def prior_log_prob(self, z: list[torch.Tensor]) -> torch.Tensor:
+        """log p_θ(z) = Σ_l log p(z_l | z_<l) [B] of GIVEN latents (temperature 1), differentiable in
+        the prior's parameters: the decoder tower runs along z (for the joint prior's generator fine-tuning)."""
+        log_p = []
+
+        def given_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
+            log_p.append(self._prior(z[g], prior_params).log_prob(z[g]).sum(dim=(1, 2, 3)))
+            return z[g]
+
+        self._decoder(z[0].shape[0], given_latent)
+        return torch.stack(log_p, dim=1).sum(dim=1)
 
     def latents_to_noise(
         self, z: list[torch.Tensor], x: torch.Tensor | None = None, temperature: float = 1.0

@@ -2,9 +2,16 @@
 
 The official model keeps its towers as flat lists that interleave cells and combiners
 (`enc_tower.7`, `dec_tower.13`, ...); here they are grouped per latent group. This module only
-renames tensors (shapes are identical); reading the file and the `args` → `NVAEConfig`
-translation belong to the importer. The layout is documented in
-`research/official-state-dicts.json`; the names below were derived from that listing.
+renames tensors (shapes are identical); reading the file, the `args` → `NVAEConfig`
+translation and the completeness checks belong to the importer (`trainer/official_import.py`).
+The layout is documented in `research/official-state-dicts.json`; the names below were derived
+from that listing.
+
+Two kinds of tensors exist on one side only:
+- official `*.weight_normalized`: aliases of `*.weight` for the convs built without weight
+  normalization (the MBConv convs); the same tensor twice, so they are checked and dropped.
+- ours `spectral.*` (the power-iteration vectors, which the official model keeps outside its state
+  dict) and `*.data_init_done` (the data-dependent-init flags); the importer keeps fresh ones.
 """
 from __future__ import annotations
 
@@ -24,6 +31,17 @@ _MBCONV = ("bn_in", "conv_expand", "bn_expand", "conv_depthwise", "bn_depthwise"
 _MBCONV_OPS = ("conv.0", "conv.1.conv.0", "conv.1.conv.1", "conv.2.conv.0", "conv.2.conv.1", "conv.3", "conv.4")
 _MBCONV_OPS_UP = ("conv.1", "conv.2.conv.0", "conv.2.conv.1", "conv.3.conv.0", "conv.3.conv.1", "conv.4", "conv.5")
 _FLOW = {"conv.convz.0": "conv_in", "conv.convz.2": "conv_depthwise", "mu.conv_0": "conv_mu"}
+ALIAS_SUFFIX = ".weight_normalized"
+
+
+def official_aliases(names) -> dict[str, str]:
+    """{alias: the official name it aliases} for every `*.weight_normalized` entry among `names`."""
+    return {name: name[: -len(ALIAS_SUFFIX)] + ".weight" for name in names if name.endswith(ALIAS_SUFFIX)}
+
+
+def ours_only(name: str) -> bool:
+    """True for a tensor of our NVAE that no official checkpoint holds (see the module docstring)."""
+    return name.startswith("spectral.") or name.endswith(".data_init_done")
 
 
 def _mbconv_map(upsample: bool) -> dict[str, str]:
@@ -77,11 +95,11 @@ def official_to_ours(state_dict: dict[str, torch.Tensor], cfg: NVAEConfig) -> di
     towers = {"enc_tower": encoder, "dec_tower": decoder, "post_process": post, "pre_process": pre}
     out = {}
     for name, tensor in state_dict.items():
-        if name.endswith(".weight_normalized"):
+        if name.endswith(ALIAS_SUFFIX):
             continue
         ours = None
         match = re.match(r"(enc_tower|dec_tower|post_process|pre_process)\.(\d+)\.(.+)", name)
-        if match:
+        if match and int(match.group(2)) < len(towers[match.group(1)]):
             prefix, table = towers[match.group(1)][int(match.group(2))]
             rest = _rename(match.group(3), table)
             ours = None if rest is None else f"{prefix}.{rest}"
@@ -95,12 +113,14 @@ def official_to_ours(state_dict: dict[str, torch.Tensor], cfg: NVAEConfig) -> di
             ours = f"dec_samplers.{m.group(1)}.conv.{m.group(2)}"
         elif m := re.match(r"image_conditional\.1\.(.+)", name):
             ours = f"output_head.conv.{m.group(1)}"
-        elif m := re.match(r"nf_cells\.(\d+)\.cell([12])\.(.+)", name):
+        elif (m := re.match(r"nf_cells\.(\d+)\.cell([12])\.(.+)", name)) and cfg.num_flows > 0:
             group, flow = divmod(int(m.group(1)), cfg.num_flows)
             cell = "forward_cell" if m.group(2) == "1" else "backward_cell"
             rest = _rename(m.group(3), _FLOW)
             ours = None if rest is None else f"flows.{group}.{flow}.{cell}.{rest}"
         if ours is None:
             raise KeyError(f"cannot place official NVAE tensor {name!r}")
+        if ours in out:
+            raise KeyError(f"official NVAE tensor {name!r} lands on {ours!r}, which another tensor already filled")
         out[ours] = tensor
     return out

@@ -79,17 +79,6 @@ class ExperimentReport:
         return self.image(tag, image[None], ncol=1, value_range=(0.0, 1.0))
 
 
-def density_image(points: torch.Tensor, extent: float, size: int) -> torch.Tensor:
-    """[N, 2] points → a [1, size, size] image in [0, 1]: white background, darker where points are dense."""
-    points = points.detach().float().cpu()
-    cells = ((points + extent) / (2 * extent) * size).long()
-    inside = ((cells >= 0) & (cells < size)).all(dim=1)
-    cells = cells[inside]
-    counts = torch.zeros(size * size)
-    counts.index_add_(0, (size - 1 - cells[:, 1]) * size + cells[:, 0], torch.ones(len(cells)))  # y up
-    shade = torch.log1p(counts) / max(float(torch.log1p(counts).max()), 1e-9)
-    return (1.0 - shade).reshape(1, size, size)
-
     def finish(self, results: dict) -> dict:
         """Write the JSON (atomically), the TensorBoard scalars and the printed table; clean up."""
         results = {"experiment": self.name, **results, "seconds": round(time.perf_counter() - self._started, 1)}
@@ -104,6 +93,18 @@ def density_image(points: torch.Tensor, extent: float, size: int) -> torch.Tenso
         if self._temporary:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         return results
+
+
+def density_image(points: torch.Tensor, extent: float, size: int) -> torch.Tensor:
+    """[N, 2] points → a [1, size, size] image in [0, 1]: white background, darker where points are dense."""
+    points = points.detach().float().cpu()
+    cells = ((points + extent) / (2 * extent) * size).long()
+    inside = ((cells >= 0) & (cells < size)).all(dim=1)
+    cells = cells[inside]
+    counts = torch.zeros(size * size)
+    counts.index_add_(0, (size - 1 - cells[:, 1]) * size + cells[:, 0], torch.ones(len(cells)))  # y up
+    shade = torch.log1p(counts) / max(float(torch.log1p(counts).max()), 1e-9)
+    return (1.0 - shade).reshape(1, size, size)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -1,0 +1,92 @@
+"""The toy-likelihood experiment (VAEBM §5.4): the true mixture's likelihood, the log Z estimators, and a
+tiny end-to-end run of `scripts/evaluate.py toy-likelihood`."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_script
+from data.toy2d import Gaussians25
+from trainer.evaluation.toy_metrics import (chunked, log_integral_on_grid, log_mean_exp, log_partition_from_base_samples,
+                                            mean_and_stderr, square_grid)
+
+
+def test_default_mixture_has_the_papers_true_log_likelihood():
+    mixture = Gaussians25()
+    assert mixture.expected_log_prob() == pytest.approx(-1.10, abs=1e-9)  # the std is solved for −1.10
+    assert 0.083 < mixture.std < 0.085  # "about 0.084 × the grid spacing"
+    x = mixture.sample(200_000, torch.Generator().manual_seed(0))
+    mc, stderr = mean_and_stderr(mixture.log_prob(x.double()))
+    assert abs(mc - (-1.10)) < 4 * stderr, (mc, stderr)
+    # ∫ p log p by the midpoint rule agrees with the analytic value to far below the Monte Carlo error.
+    grid, area = square_grid(3.0, 0.01)
+    log_p = mixture.log_prob(grid.double())
+    assert float((log_p.exp() * log_p).sum() * area) == pytest.approx(-1.10, abs=1e-5)
+
+
+def test_expected_log_prob_is_a_lower_bound_that_fails_for_overlapping_components():
+    mixture = Gaussians25(std=0.3)  # neighbours 3.3 std apart: the overlap matters
+    grid, area = square_grid(4.0, 0.02)
+    log_p = mixture.log_prob(grid.double())
+    exact = float((log_p.exp() * log_p).sum() * area)
+    assert mixture.expected_log_prob() < exact - 0.3
+
+
+def test_log_partition_of_a_constant_energy_is_minus_the_constant():
+    estimate = log_partition_from_base_samples(torch.full((1000,), 2.5))
+    assert estimate.value == pytest.approx(-2.5, abs=1e-12)
+    assert estimate.stderr == 0.0 and estimate.ess == pytest.approx(1000.0)
+
+
+@pytest.mark.parametrize("curvature", [0.3, -0.2])
+def test_log_partition_of_a_quadratic_tilt_of_a_gaussian(curvature):
+    """Base N(0, I_d), E(x) = ½c‖x‖²: Z = (1 + c)^(−d/2), and the delta-method error matches its exact value."""
+    d, n = 4, 200_000
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    estimate = log_partition_from_base_samples(0.5 * curvature * (x * x).sum(dim=1))
+    exact = -0.5 * d * math.log1p(curvature)
+    # Var(w)/Z² = E[w²]/Z² − 1 = (1 + c)^d / (1 + 2c)^(d/2) − 1 for w = exp(−E).
+    exact_stderr = math.sqrt(((1 + curvature) ** d / (1 + 2 * curvature) ** (d / 2) - 1) / n)
+    assert abs(estimate.value - exact) < 4 * exact_stderr, (estimate, exact)
+    assert estimate.stderr == pytest.approx(exact_stderr, rel=0.1)
+    assert 0 < estimate.ess < n
+
+
+def test_log_mean_exp_is_stable_for_huge_log_weights():
+    estimate = log_mean_exp(torch.tensor([1000.0, 1000.0 + math.log(3.0)], dtype=torch.float64))
+    assert estimate.value == pytest.approx(1000.0 + math.log(2.0), abs=1e-9)
+    with pytest.raises(ValueError):
+        log_mean_exp(torch.tensor([0.0, float("nan")]))
+
+
+def test_grid_integral_of_a_normalized_density_is_zero():
+    grid, area = square_grid(3.0, 0.03)
+    assert grid.shape == (200 * 200, 2) and area == pytest.approx(0.0009)
+    assert log_integral_on_grid(Gaussians25().log_prob(grid.double()), area) == pytest.approx(0.0, abs=1e-6)
+    gaussian = torch.distributions.MultivariateNormal(torch.tensor([0.3, -0.2]), torch.tensor([[0.5, 0.2], [0.2, 0.4]]))
+    assert log_integral_on_grid(gaussian.log_prob(grid), area) == pytest.approx(0.0, abs=1e-4)
+    # ... and of an unnormalized one, its log-normalizer: exp(−E) with E = ½‖x‖²/σ² integrates to 2πσ².
+    assert log_integral_on_grid(-0.5 * (grid * grid).sum(1) / 0.25, area) == pytest.approx(math.log(2 * math.pi * 0.25), abs=1e-4)
+
+
+def test_chunked_matches_one_pass():
+    x = torch.randn(103, 2)
+    assert torch.equal(chunked(lambda t: t.sum(dim=1), x, block=10), x.sum(dim=1))
+
+
+def test_toy_likelihood_end_to_end(tmp_path):
+    out, run_dir = tmp_path / "toy.json", tmp_path / "run"
+    run_script("evaluate.py", "toy-likelihood", "--quick", "--out", str(out), "--run-dir", str(run_dir),
+               "--vae-steps", "30", "--ebm-steps", "3", "--test-points", "200", "--iwae-samples", "20",
+               "--log-z-samples", "4000", "--grid-step", "0.25", "--grid-iwae-samples", "4", "--plot-points", "300",
+               "--langevin-steps", "3", "--ebm-override", "langevin.steps=3", timeout=300)
+    result = json.loads(out.read_text())
+    for key in ("vae_ll", "vaebm_ll", "true_ll", "log_z", "log_z_stderr", "log_z_grid", "vae_log_mass_grid"):
+        assert math.isfinite(result[key]), (key, result[key])
+    assert result["experiment"] == "toy-likelihood" and result["test_points"] == 200
+    assert abs(result["true_ll"] + 1.10) < 4 * result["true_ll_stderr"]
+    assert result["vaebm_ll"] == pytest.approx(result["vae_ll"] + result["vaebm_gain"], abs=1e-9)
+    assert result["log_z_stderr"] > 0 and 0 < result["log_z_ess"] <= 4000
+    for name in ("true", "vae", "vaebm_langevin", "vaebm_resampled"):
+        assert (run_dir / f"samples_{name}.png").stat().st_size > 0

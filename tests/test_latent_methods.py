@@ -1,0 +1,214 @@
+"""Latent tilting and the joint latent EBM prior: adapters of the one Langevin sampler and the one EBM loop."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, run_script
+from models.adapters import JointPriorEnergy, LatentTiltEnergy, VAEBMEnergy, build_adapter
+from models.energy import EnergyNetConfig, MLPEnergy, build_energy
+from models.langevin import BatchNoise, langevin
+from models.latent_energy import LatentEnergy
+from models.mlp_vae import MLPVAE, MLPVAEConfig
+from trainer.checkpoint import latest_checkpoint
+from trainer.vaebm_objective import ebm_loss
+
+
+def small_vae() -> MLPVAE:
+    torch.manual_seed(0)
+    return MLPVAE(MLPVAEConfig(data_dim=2, latent_dim=4, hidden=16, depth=2)).eval().requires_grad_(False)
+
+
+def test_latent_energy_is_layerwise_plus_joint():
+    shapes = [(4,), (3, 2, 2)]
+    torch.manual_seed(0)
+    full = LatentEnergy(shapes, hidden=8, depth=1)
+    z = [torch.randn(5, 4, requires_grad=True), torch.randn(5, 3, 2, 2, requires_grad=True)]
+    energy = full(z)
+    assert energy.shape == (5,)
+    # E = −Σ_l head_l(h_l) − joint(h): recompute from the parts.
+    h = [extract(z_l) for extract, z_l in zip(full.features, z)]
+    manual = -(sum(head(h_l).squeeze(-1) for head, h_l in zip(full.layer_heads, h))
+               + full.joint_head(torch.cat(h, 1)).squeeze(-1))
+    torch.testing.assert_close(energy, manual)
+    grads = torch.autograd.grad(energy.sum(), z)
+    assert all(g.abs().sum() > 0 for g in grads)
+    layer_only = LatentEnergy(shapes, hidden=8, depth=1, joint=False)
+    assert layer_only.joint_head is None and layer_only(z).shape == (5,)
+    with pytest.raises(ValueError):
+        LatentEnergy(shapes, layerwise=False, joint=False)
+
+
+def test_build_energy_latent_needs_shapes():
+    cfg = EnergyNetConfig(kind="latent", hidden=8, depth=1)
+    with pytest.raises(ValueError, match="latent_shapes"):
+        build_energy(cfg)
+    assert isinstance(build_energy(cfg, [(4,)]), LatentEnergy)
+
+
+def test_adapters_move_the_right_noise_and_score_the_right_part():
+    vae = small_vae()
+    data_energy = MLPEnergy(2, hidden=8, depth=1)
+    generator = torch.Generator().manual_seed(3)
+
+    vaebm = build_adapter("vaebm", vae, data_energy)
+    tilt = build_adapter("latent-tilting", vae, data_energy)
+    assert isinstance(vaebm, VAEBMEnergy) and isinstance(tilt, LatentTiltEnergy)
+    assert vaebm.chain_shapes == [(4,), (2,)] and tilt.chain_shapes == [(4,)]
+
+    eps_z = [torch.randn(6, 4, generator=generator)]
+    eps_x = torch.randn(6, 2, generator=generator)
+    generation = vae.decode(eps_z, eps_x)
+    torch.testing.assert_close(vaebm([*eps_z, eps_x]), data_energy(generation.x_sample))
+    torch.testing.assert_close(tilt(eps_z), data_energy(generation.x_mean))  # G(z) = decoder mean
+    torch.testing.assert_close(tilt.negatives(eps_z), generation.x_mean)
+
+    # Stored ε_z become chains: VAEBM adds fresh ε_x, the latent methods do not.
+    assert len(vaebm.chain_noise(eps_z, generator)) == 2 and len(tilt.chain_noise(eps_z, generator)) == 1
+    assert len(vaebm.latent_noise([*eps_z, eps_x])) == 1 and len(tilt.latent_noise(eps_z)) == 1
+
+
+def test_tilting_langevin_moves_eps_z_only_with_the_exact_potential():
+    vae = small_vae()
+    tilt = LatentTiltEnergy(vae, MLPEnergy(2, hidden=8, depth=1))
+    eps = [torch.randn(3, 4, generator=torch.Generator().manual_seed(0))]
+    step_size = 1e-2
+    generator = torch.Generator().manual_seed(5)
+    result = langevin(eps, tilt, 1, step_size, BatchNoise(generator))
+    # One step by hand: ε − η/2·∇(E(G(ε)) + ½‖ε‖²) + √η·ω, ω from the same generator.
+    leaf = eps[0].clone().requires_grad_(True)
+    grad, = torch.autograd.grad((tilt([leaf]) + 0.5 * leaf.pow(2).sum(1)).sum(), leaf)
+    omega = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(result.noise[0], eps[0] - step_size / 2 * grad + step_size**0.5 * omega)
+
+
+def test_joint_prior_positives_are_posterior_latents():
+    vae = small_vae()
+    joint = JointPriorEnergy(vae, LatentEnergy(vae.latent_shapes, hidden=8, depth=1))
+    x = torch.randn(7, 2, generator=torch.Generator().manual_seed(1))
+    posterior_eps = torch.randn(7, 4, generator=torch.Generator().manual_seed(9))
+    z_pos = joint.positives(x, [posterior_eps])
+    mu, log_sigma = vae.encode(x)
+    torch.testing.assert_close(z_pos[0], mu + log_sigma.exp() * posterior_eps, atol=1e-5, rtol=1e-5)
+    eps_z = [torch.randn(7, 4)]
+    torch.testing.assert_close(joint.negatives(eps_z)[0], vae.decode(eps_z).z[0])
+    assert joint.chain_shapes == [(4,)]
+
+
+def test_energy_regularization_term():
+    pos, neg = torch.tensor([1.0, 3.0]), torch.tensor([-2.0, 0.0])
+    plain, _ = ebm_loss(pos, neg, torch.tensor(0.0), 0.0)
+    regularized, terms = ebm_loss(pos, neg, torch.tensor(0.0), 0.0, energy_reg_coeff=0.1)
+    assert float(plain) == pytest.approx(2.0 - (-1.0))
+    assert terms["energy_sq"] == pytest.approx(5.0 + 2.0)
+    assert float(regularized) == pytest.approx(3.0 + 0.1 * 7.0)
+
+
+TOY_FAST = ["train.per_device_batch_size=64", "train.global_batch_size=64", "train.progress_bar=false",
+            "train.log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def toy_vae(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("toy-vae") / "vae"
+    run_script("train_nvae.py", "--config", "toy2d", "--run-dir", str(run_dir), "train.max_steps=20", *TOY_FAST)
+    return run_dir
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("latent-tilting-toy2d", ["langevin.steps=4", "langevin.sample_steps=4"]),
+    ("vaebm", ["method=joint-prior", "energy.kind=latent", "energy.hidden=16", "energy.depth=1",
+               "langevin.steps=4", "langevin.step_size=0.05", "langevin.sample_steps=4"]),
+])
+def test_latent_method_trains_resumes_exactly_exports_and_samples(tmp_path, toy_vae, preset, extra):
+    preset = "toy2d" if preset == "vaebm" else preset
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+
+    def args(run_dir):
+        return ["--config", preset, "--vae", str(toy_vae), "--run-dir", str(run_dir), *TOY_FAST, *extra, "train.max_steps=4"]
+
+    run_script("train_vaebm.py", *args(straight))
+    run_script("train_vaebm.py", *args(paused), "train.halt_at_step=2")
+    resumed = run_script("train_vaebm.py", *args(paused))
+    assert "resuming from step 2" in resumed.stderr
+    weights = [load_file(str(latest_checkpoint(run) / "energy.safetensors")) for run in (straight, paused)]
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0, msg=name)
+    row = json.loads((straight / "stats.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 4 and "energy_sq" in row and row["energy_gap"] == row["energy_gap"]  # logged, finite
+
+    bundle, samples = tmp_path / "bundle", tmp_path / "samples"
+    run_script("export.py", str(straight), "--out", str(bundle))
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    method = "joint-prior" if "method=joint-prior" in extra else "latent-tilting"
+    assert manifest["energy"]["method"] == method
+    run_script("sample.py", str(bundle), "--n", "8", "--out", str(samples), "--steps", "3")
+    assert list(samples.glob("points-*.npz"))
+
+
+def test_method_and_energy_kind_must_fit(tmp_path, toy_vae):
+    result = run_script("train_vaebm.py", "--config", "toy2d", "--vae", str(toy_vae), "--run-dir", str(tmp_path / "r"),
+                        "method=joint-prior", check=False)
+    assert result.returncode == 2
+    assert "energy.kind" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_finetune_surrogate_and_nvae_prior_log_prob():
+    from trainer.joint_finetune import finetune_loss
+
+    loss, terms = finetune_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 1.0]),
+                                torch.tensor([-4.0, -6.0]))
+    assert float(loss) == pytest.approx((1.5 + 3.5 + 0.0) / 2 - 5.0)
+    assert terms["finetune/log_prior_negatives"] == pytest.approx(-5.0)
+
+
+def test_nvae_prior_log_prob_is_the_change_of_variables(tmp_path):
+    from models.registry import build_vae
+    from trainer.cli import architecture_dict
+    from trainer.config import load_config
+    from trainer.sections import NVAETrainingConfig
+
+    cfg = load_config(NVAETrainingConfig, "nvae", "digits", [], expand={"model": architecture_dict}).model
+    torch.manual_seed(0)
+    vae = build_vae(cfg).eval()
+    eps = [torch.randn(2, *shape) for shape in vae.latent_shapes]
+    z = [t.detach() for t in vae.decode(eps).z]
+    # log p(z) = Σ_l [log N(ε_l; 0, 1) − Σ log σ_l(z_<l)]. z_l is linear in ε_l with slope σ_l (groups above
+    # unchanged), so σ_l = z_l(ε_l + 1) − z_l(ε_l), shifting one group at a time.
+    expected = torch.zeros(2)
+    for g in range(len(eps)):
+        shifted = [e.clone() for e in eps]
+        shifted[g] = shifted[g] + 1.0
+        sigma = (vae.decode(shifted).z[g] - z[g]).detach()
+        expected += (-0.5 * eps[g] ** 2 - 0.5 * torch.log(torch.tensor(2 * torch.pi)) - sigma.log()).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(vae.prior_log_prob(z).detach(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_joint_finetune_trains_the_vae_resumes_exactly_and_exports_it(tmp_path, toy_vae):
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+
+    def args(run_dir):
+        return ["--config", "toy2d", "--vae", str(toy_vae), "--run-dir", str(run_dir), *TOY_FAST, "method=joint-prior",
+                "energy.kind=latent", "energy.hidden=16", "energy.depth=1", "langevin.steps=3",
+                "langevin.step_size=0.05", "vae.finetune=true", "vae.finetune_lr=1e-3", "train.max_steps=4"]
+
+    run_script("train_vaebm.py", *args(straight))
+    run_script("train_vaebm.py", *args(paused), "train.halt_at_step=2")
+    run_script("train_vaebm.py", *args(paused))
+    finetuned = [load_file(str(latest_checkpoint(run) / "vae.safetensors")) for run in (straight, paused)]
+    original = load_file(str(latest_checkpoint(toy_vae) / "ema.safetensors"))
+    assert any(not torch.equal(finetuned[0][k], original[k]) for k in original)  # the VAE was trained
+    for name in finetuned[0]:
+        torch.testing.assert_close(finetuned[0][name], finetuned[1][name], rtol=0, atol=0, msg=name)
+    exported = run_script("export.py", str(straight), "--out", str(tmp_path / "bundle"))
+    assert "fine-tuned" in exported.stderr
+    bundle_vae = load_file(str(tmp_path / "bundle" / "vae.safetensors"))
+    torch.testing.assert_close(bundle_vae["decoder.0.weight"], finetuned[0]["decoder.0.weight"])
+
+
+def test_finetune_is_refused_for_other_methods(tmp_path, toy_vae):
+    result = run_script("train_vaebm.py", "--config", "latent-tilting-toy2d", "--vae", str(toy_vae), "--run-dir",
+                        str(tmp_path / "r"), "vae.finetune=true", check=False)
+    assert result.returncode == 2 and "vae.finetune" in result.stderr

@@ -1,0 +1,99 @@
+"""Train the models an evaluation experiment needs, with the project's own trainers, and sample them.
+
+    nvae_run = train_nvae_run("digits16", ["train.max_steps=600"], models_dir)
+    vaebm_run = train_vaebm_run("digits16", nvae_run, ["train.max_steps=150"], models_dir)
+    sampler = sampler_for(vaebm_run)                  # a models.BundleSampler (VAE + energy)
+    vae_images = sampler.sample(1000, steps=0, seed=0)   # the NVAE alone, uint8 [1000, 3, H, W]
+    vaebm_images = sampler.sample(1000, seed=0)          # the same chains after Langevin
+
+Configs are built exactly as `scripts/train_nvae.py` / `scripts/train_vaebm.py` build them (preset
+name or YAML path + dotted overrides, validated), and trained by `trainer.nvae_loop.train_nvae` /
+`trainer.vaebm_loop.train_vaebm`. A run lives in `models_dir/<kind>-<preset>-<hash>`, the hash taken
+over the resolved config (for VAEBM it includes the VAE run's path, itself hashed): asking again for
+the same model finds the finished run, which the trainer resumes and stops at once, so experiments
+given the same models folder share their trainings, and any changed setting trains a new run.
+Bundles are exported once into `RUN/bundle-<BN settings>` (`trainer.export.export_run`) and loaded with
+`models.load_bundle`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+from trainer.config import load_config, to_dict
+from trainer.errors import UserError
+
+Log = Callable[[str], None]
+# Keys that change how a run reports, not what it trains: left out of the run's hash.
+_NOT_HASHED = {("train", "progress_bar"), ("train", "log_every"), ("data", "num_workers"), ("data", "cache_dir")}
+# Always applied: no progress bars inside an experiment's output.
+_QUIET = ["train.progress_bar=false"]
+
+
+def _run_dir(kind: str, preset: str, cfg, models_dir: Path) -> Path:
+    """models_dir/<kind>-<preset stem>-<10 hex digits of the resolved config>."""
+    tree = to_dict(cfg)
+    for section, key in _NOT_HASHED:
+        tree.get(section, {}).pop(key, None)
+    digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(models_dir) / f"{kind}-{Path(preset).stem}-{digest}"
+
+
+def nvae_config(preset: str, overrides: Sequence[str] = ()):
+    """The validated NVAETrainingConfig of a preset (name or YAML path) plus dotted overrides."""
+    from trainer.cli import architecture_dict
+    from trainer.sections import NVAETrainingConfig
+
+    return load_config(NVAETrainingConfig, "nvae", preset, [*_QUIET, *overrides], expand={"model": architecture_dict})
+
+
+def vaebm_config(preset: str, vae_run: Path, overrides: Sequence[str] = ()):
+    """The validated VAEBMTrainingConfig of a preset plus overrides, on the NVAE run `vae_run`."""
+    from trainer.vaebm_sections import VAEBMTrainingConfig
+
+    return load_config(VAEBMTrainingConfig, "vaebm", preset, [*_QUIET, *overrides, f"vae.path={Path(vae_run).resolve()}"])
+
+
+def train_nvae_run(preset: str, overrides: Sequence[str], models_dir: Path, log: Log = print) -> Path:
+    """Train (or find finished) the NVAE of `preset` + `overrides` under `models_dir`; returns its run directory."""
+    from trainer.nvae_loop import train_nvae
+
+    cfg = nvae_config(preset, overrides)
+    run_dir = _run_dir("nvae", preset, cfg, models_dir)
+    log(f"NVAE {preset} ({cfg.train.max_steps} steps, batch {cfg.train.global_batch_size}) in {run_dir}")
+    train_nvae(cfg, run_dir)
+    return run_dir
+
+
+def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models_dir: Path, log: Log = print) -> Path:
+    """Train (or find finished) a VAEBM energy on the NVAE run `vae_run`; returns its run directory.
+
+    A run that diverges is an error (UserError naming the run): an experiment never reports numbers
+    of a diverged energy. Its log says at which step and why; lower `optim.lr` or the step count.
+    """
+    from trainer.vaebm_loop import train_vaebm
+
+    cfg = vaebm_config(preset, vae_run, overrides)
+    run_dir = _run_dir("vaebm", preset, cfg, models_dir)
+    log(f"VAEBM {preset} ({cfg.train.max_steps} steps, {cfg.langevin.steps} Langevin steps) in {run_dir}")
+    if train_vaebm(cfg, run_dir) is None:
+        raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower optim.lr")
+    return run_dir
+
+
+def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_passes: int = 500,
+                seed: int = 0, log: Log = print):
+    """The `models.BundleSampler` of a finished NVAE or VAEBM run (exported into the run on first use).
+
+    `temperatures`: where the NVAE's BN statistics are readjusted (VAE-only sampling at such a
+    temperature uses them, as NVAE's own sampler does; Langevin always uses the trained statistics).
+    """
+    import models
+    from trainer.export import export_run
+
+    bundle = Path(run_dir) / f"bundle-t{'_'.join(f'{t:g}' for t in temperatures) or 'none'}-bn{bn_passes}-s{seed}"
+    if not (bundle / "bundle.json").is_file():
+        export_run(Path(run_dir), bundle, temperatures=tuple(temperatures), bn_passes=bn_passes, seed=seed, log=log)
+    return models.load_bundle(bundle, device="cpu")
