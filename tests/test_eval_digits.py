@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 
 from data.bundled import digits_split, load_digits_images, load_digits_split, load_stacked_digits, write_bundled_shards
 from data.shards import read_index
+from trainer.evaluation.digit_classifier import FEATURES, train_classifier
 from trainer.evaluation.frechet import frechet_distance, frechet_distance_gaussians, sqrtm_psd
-from trainer.evaluation.modes import mode_statistics, stacked_labels
-from trainer.evaluation.ood import auroc
+from trainer.evaluation.modes import classify_channels, mode_statistics, stacked_labels
+from trainer.evaluation.ood import OOD_SETS, auroc, ood_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -121,6 +123,30 @@ def test_auroc_direction():
     assert auroc(np.zeros(4), np.zeros(5)) == 0.5
     assert auroc(high, np.array([-np.inf, np.nan, 0.0])) == 1.0  # failed scores rank lowest
     assert auroc(high, np.array([np.inf, 0.0])) == 0.5
+
+
+def test_classifier_reads_each_channel_of_stacked_digits():
+    """A quickly trained 8×8 judge labels stacked training digits channel by channel, in r, g, b order."""
+    judge = train_classifier(8, seed=0, epochs=10)
+    assert judge.accuracy > 0.9  # the real one (16×16, 20 epochs) reaches >= 97%: checked end to end below
+    images, labels = load_stacked_digits(8, count=300, seed=3)
+    predicted = stacked_labels(classify_channels(judge, torch.from_numpy(images).permute(0, 3, 1, 2)))
+    assert (predicted == labels).mean() > 0.85
+    features = judge.features(torch.from_numpy(images[:10, :, :, 0]))
+    assert features.shape == (10, FEATURES) and np.isfinite(features).all()
+
+
+def test_ood_sets():
+    held_out = load_digits_split("test", 16)[0][..., 0]
+    sets = ood_sets(held_out, 16, 40, seed=0)
+    assert set(sets) == set(OOD_SETS)
+    for images in sets.values():
+        assert images.shape == (40, 3, 16, 16) and images.dtype == torch.uint8
+        assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # grey, as digits
+    assert all(len(torch.unique(image)) == 1 for image in sets["constant"])
+    assert not any(torch.equal(image, torch.from_numpy(digit)) for image in sets["interp"][:, 0] for digit in held_out)
+    again = ood_sets(held_out, 16, 40, seed=0)
+    assert all(torch.equal(sets[name], again[name]) for name in sets)
 
 
 # --- end to end -------------------------------------------------------------------------------

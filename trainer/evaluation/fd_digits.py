@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from trainer.evaluation import digit_experiments as common
 
-QUICK = {"image_size": 16, "nvae_steps": 700, "vaebm_steps": 100, "samples": 1000}
+QUICK = {"image_size": 16, "nvae_steps": 500, "vaebm_steps": 150, "samples": 1000}
 FULL = {"image_size": 16, "nvae_steps": 3000, "vaebm_steps": 600, "samples": 10000}
 
 

@@ -5,9 +5,10 @@
 The tilted model is p(z) ∝ p(z)·exp(−E(G(z))), G the decoder mean, with x ~ p(x|z): method
 `latent-tilting` of the one EBM loop (`models/adapters.py`), Langevin in ε_z only. Per dataset:
 
-1. 2-D toys (25-Gaussians, Swiss roll): the MLP VAE of preset nvae/toy2d, then the tilt of preset
-   vaebm/latent-tilting-toy2d (60 training Langevin steps at step size 0.01, energy regularization 0.1,
-   100 Langevin steps at sampling), both with `data.dataset` set to the toy. Keys `<toy>_...`:
+1. 2-D toys (25-Gaussians, Swiss roll): the MLP VAE of preset nvae/toy2d (longer: see FULL), then the
+   tilt of preset vaebm/latent-tilting-toy2d (60 training Langevin steps at step size 0.01, energy
+   regularization 0.1, 1,000 iterations, 100 Langevin steps at sampling), both with `data.dataset` set
+   to the toy. Everything runs at temperature 1. Keys `<toy>_...`:
    - hq_frac: share of samples near the truth: within 3 component std of a mode (25-Gaussians), within
      3 × the data noise (0.15) of the noiseless roll curve (Swiss roll). `true_` is the truth's own share.
      Base and tilted samples come from the same chains (seed, i) of the exported bundle: the base at
@@ -23,12 +24,13 @@ The tilted model is p(z) ∝ p(z)·exp(−E(G(z))), G the decoder mean, with x ~
    The 25-Gaussians numbers are also given without prefix (base_hq_frac, tilted_modes, base_ll, ...).
 2. digits (16×16, `digits-train`): the NVAE of preset nvae/digits16, then vaebm/latent-tilting-digits grown
    down to 16×16 (energy layout digits16). Digit-feature Fréchet distance to the held-out `digits-test`
-   (the `fd-digits` measure) of NVAE samples (digits_base_fd: the same chains at 0 steps, the trained BN
-   statistics the tilt runs with; digits_base_fd_bn_readjusted: NVAE's own sampler) and of the tilted
-   NVAE (digits_tilted_fd). Lower is better.
+   (the `fd-digits` measure; decoder means) of NVAE samples (digits_base_fd: the same chains at 0 steps,
+   with the trained BN statistics the tilt runs with; digits_base_bn_readjusted_fd: NVAE's own sampler,
+   BN readjusted at temperature 1) and of the tilted NVAE (digits_tilted_fd). Lower is better.
 
 Density images and sample grids go to --run-dir. `--quick` trains less and draws fewer samples (every
-setting is in the JSON). With --run-dir, re-running reuses the finished trainings there.
+setting is in the JSON, with `cpu_seconds`: on one thread about the wall time on an idle machine).
+With --run-dir (or --models-dir), re-running reuses the finished trainings there.
 """
 from __future__ import annotations
 
@@ -72,14 +74,17 @@ class Settings:
     digits_sample_steps: int | None         # (None: the preset's 100)
 
 
-FULL = Settings(vae_steps=None, ebm_steps=None, ebm_batch=None, ebm_langevin_steps=None, sample_steps=None,
+# The toy VAE gets more steps than nvae/toy2d's 3,000: at 2,000 steps both toys' VAEs had collapsed onto a
+# constant decoder mean (nothing for a tilt of G(z) to move), at 4,000 the 25-Gaussians one spreads its means
+# over all 25 modes.
+FULL = Settings(vae_steps=8_000, ebm_steps=None, ebm_batch=None, ebm_langevin_steps=None, sample_steps=None,
                 samples=20_000, test_points=10_000, iwae_samples=1_000, log_z_samples=1_000_000,
                 digits_nvae_steps=3_000, digits_ebm_steps=300, digits_ebm_batch=None, digits_ebm_langevin_steps=None,
                 digits_samples=2_000, digits_sample_steps=None)
-QUICK = Settings(vae_steps=2_000, ebm_steps=250, ebm_batch=128, ebm_langevin_steps=None, sample_steps=None,
-                 samples=4_000, test_points=2_000, iwae_samples=200, log_z_samples=200_000,
-                 digits_nvae_steps=500, digits_ebm_steps=40, digits_ebm_batch=16, digits_ebm_langevin_steps=30,
-                 digits_samples=300, digits_sample_steps=60)
+QUICK = Settings(vae_steps=4_000, ebm_steps=200, ebm_batch=None, ebm_langevin_steps=20, sample_steps=None,
+                 samples=3_000, test_points=2_000, iwae_samples=200, log_z_samples=200_000,
+                 digits_nvae_steps=300, digits_ebm_steps=25, digits_ebm_batch=16, digits_ebm_langevin_steps=20,
+                 digits_samples=256, digits_sample_steps=50)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,9 +102,9 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     settings = replace(QUICK if args.quick else FULL,
                        **{f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None})
     for name, value in asdict(settings).items():
-        positive = value is not None and name not in ("sample_steps", "digits_sample_steps")
-        if (positive and value < 1) or (value is not None and value < 0):
-            raise UserError(f"--{name.replace('_', '-')} must be >= {1 if positive else 0}, got {value}")
+        least = 0 if name.endswith("sample_steps") else 1  # 0 Langevin steps at sampling: the VAE itself
+        if value is not None and value < least:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     return settings
 
 
@@ -111,7 +116,8 @@ def run(args: argparse.Namespace, report) -> dict:
         raise UserError(f"--datasets: unknown toy {unknown[0]!r}; choose from {', '.join(TOYS)}")
     models_dir = args.models_dir or report.work_dir("models")
     cpu_started = _cpu_seconds()
-    recorded = {k: v for k, v in asdict(settings).items() if v is not None and not (args.skip_digits and k.startswith("digits_"))}
+    applies = lambda key: (not args.skip_digits) if key.startswith("digits_") else bool(toys)
+    recorded = {key: value for key, value in asdict(settings).items() if value is not None and applies(key)}
     results: dict = {"quick": bool(args.quick), "datasets": ",".join(toys), **recorded}
 
     for name in toys:
@@ -125,8 +131,9 @@ def run(args: argparse.Namespace, report) -> dict:
 
     for name in toys:
         verdict = lambda key: "beats" if results[f"{name}_tilted_{key}"] > results[f"{name}_base_{key}"] else "does NOT beat"
+        modes = f", modes {results['base_modes']} -> {results['tilted_modes']}" if name == "gaussians" else ""
         report.log(f"{name}: hq {results[f'{name}_base_hq_frac']:.3f} -> {results[f'{name}_tilted_hq_frac']:.3f} "
-                   f"(tilt {verdict('hq_frac')} its VAE), ll {results[f'{name}_base_ll']:.3f} -> "
+                   f"(tilt {verdict('hq_frac')} its VAE){modes}, ll {results[f'{name}_base_ll']:.3f} -> "
                    f"{results[f'{name}_tilted_ll']:.3f} (tilt {verdict('ll')} its VAE), true {results[f'{name}_true_ll']:.3f}")
     if not args.skip_digits:
         better = results["digits_tilted_fd"] < results["digits_base_fd"]
@@ -168,42 +175,56 @@ def toy_experiment(name: str, settings: Settings, seed: int, models_dir: Path, r
     results = {"vae_train_seconds": round(middle - started, 1), "ebm_train_seconds": round(trained - middle, 1)}
 
     sampler = sampler_for(tilt_run, temperatures=(), log=report.log)
-    vae, energy = sampler.vae, sampler.energy_net
     truth = make_toy(TOYS[name])
     generator = torch.Generator().manual_seed(derive_seed(seed, "latent-tilting", name))
-    steps = sampler.defaults["steps"] if settings.sample_steps is None else settings.sample_steps
-    results["sample_steps"] = int(steps)
-
-    # Sample quality: the same chains before (base) and after (tilted) Langevin in ε_z.
-    report.log(f"{name}: {settings.samples} chains x {steps} Langevin steps")
-    chains = draw_chains(sampler, settings.samples, steps, derive_seed(seed, "latent-tilting-chains", name))
     report.log(f"{name}: log Z over {settings.log_z_samples} prior draws")
-    eps_z, prior_energy = tm.prior_energies(vae, energy, settings.log_z_samples, generator)
+    eps_z, prior_energy = tm.prior_energies(sampler.vae, sampler.energy_net, settings.log_z_samples, generator)
     log_z = log_partition_from_base_samples(prior_energy)
+    results.update(log_z=log_z.value, log_z_stderr=log_z.stderr, log_z_ess=log_z.ess)
+    results.update(sample_quality(name, truth, sampler, eps_z, prior_energy, settings, seed, generator, report))
+    results.update(log_likelihoods(name, truth, sampler, log_z, settings, seed, generator, report))
+    results["eval_seconds"] = round(time.perf_counter() - trained, 1)
+    return results
+
+
+def sample_quality(name: str, truth, sampler, eps_z: torch.Tensor, prior_energy: torch.Tensor, settings: Settings,
+                   seed: int, generator: torch.Generator, report) -> dict:
+    """hq fractions (and modes) of the truth, the VAE, the tilt by Langevin and the tilt by resampling.
+
+    eps_z [M, L], prior_energy [M]: prior draws and their energies E(G(z)), resampled with weights exp(−E).
+    """
+    steps = sampler.defaults["steps"] if settings.sample_steps is None else settings.sample_steps
+    report.log(f"{name}: {settings.samples} chains x {steps} Langevin steps")
+    samples = {"true": truth.sample(settings.samples, generator),
+               **draw_chains(sampler, settings.samples, steps, derive_seed(seed, "latent-tilting-chains", name))}
     chosen = torch.multinomial(torch.softmax(-prior_energy.double(), 0), settings.samples, True, generator=generator)
-    eps_x = torch.randn((settings.samples, *vae.image_shape), generator=generator)
+    eps_x = torch.randn((settings.samples, *sampler.vae.image_shape), generator=generator)
     with torch.no_grad():
-        chains["tilted_sir"] = vae.decode([eps_z[chosen]], eps_x).x_sample
-    samples = {"true": truth.sample(settings.samples, generator), **chains}
+        samples["tilted_sir"] = sampler.vae.decode([eps_z[chosen]], eps_x).x_sample
     quality = hq_measure(name, truth)
+    results = {"sample_steps": int(steps)}
     for key, points in samples.items():
         results[f"{key}_hq_frac"] = quality(points)
         if name == "gaussians":
             results[f"{key}_modes"] = tm.modes_covered(truth, points)
         if not key.endswith("_mean"):
             report.scatter(f"{name}/samples_{key}", points, PLOT_EXTENT[name])
+    return results
 
-    # Test log-likelihoods of held-out points.
+
+def log_likelihoods(name: str, truth, sampler, log_z, settings: Settings, seed: int, generator: torch.Generator,
+                    report) -> dict:
+    """Mean test log-likelihoods (nats per point) of the truth, the VAE and the tilt, with standard errors."""
     test = truth.sample(settings.test_points, torch.Generator().manual_seed(derive_seed(seed, "latent-tilting-test", name)))
     report.log(f"{name}: IWAE on {settings.test_points} test points x {settings.iwae_samples} posterior draws")
-    log_p_base, log_p_tilt = tm.tilted_iwae(vae, energy, test, settings.iwae_samples, generator)
+    log_p_base, log_p_tilt = tm.tilted_iwae(sampler.vae, sampler.energy_net, test, settings.iwae_samples, generator)
+    log_p_tilt = log_p_tilt - log_z.value
     log_p_true = truth.log_prob(test.double()) if name == "gaussians" else tm.swiss_roll_log_prob(test, truth.noise)
-    for key, values in (("true_ll", log_p_true), ("base_ll", log_p_base), ("tilted_ll", log_p_tilt - log_z.value),
-                        ("tilted_gain", log_p_tilt - log_z.value - log_p_base)):
+    results = {}
+    for key, values in (("true_ll", log_p_true), ("base_ll", log_p_base), ("tilted_ll", log_p_tilt),
+                        ("tilted_gain", log_p_tilt - log_p_base)):  # the gain point by point: free of the test-set noise
         results[key], results[f"{key}_stderr"] = mean_and_stderr(values)
     results["tilted_gain_stderr"] = (results["tilted_gain_stderr"] ** 2 + log_z.stderr ** 2) ** 0.5
-    results.update(log_z=log_z.value, log_z_stderr=log_z.stderr, log_z_ess=log_z.ess,
-                   eval_seconds=round(time.perf_counter() - trained, 1))
     return results
 
 
@@ -238,12 +259,41 @@ def digits_experiment(settings: Settings, seed: int, models_dir: Path, report) -
     from data.bundled import load_digits_split
     from trainer.evaluation.digit_classifier import load_or_train_classifier
     from trainer.evaluation.frechet import frechet_distance
-    from trainer.evaluation.train_models import sampler_for, train_nvae_run, train_vaebm_run
+    from trainer.evaluation.train_models import sampler_for
+
+    nvae_run, tilt_run, results = train_digit_models(settings, seed, models_dir, report)
+    trained = time.perf_counter()
+    judge = load_or_train_classifier(DIGIT_SIZE, seed, models_dir, log=report.log)
+    n, sample_seed = settings.digits_samples, derive_seed(seed, "latent-tilting-digits")
+    sampler = sampler_for(tilt_run, temperatures=(), log=report.log)  # the trained BN statistics, as Langevin uses
+    steps = sampler.defaults["steps"] if settings.digits_sample_steps is None else settings.digits_sample_steps
+    report.log(f"digits: {n} NVAE samples, and the same chains after {steps} Langevin steps in ε_z")
+    nvae_sampler = sampler_for(nvae_run, temperatures=(1.0,), log=report.log)  # BN readjusted, as NVAE samples
+    images = {"base": sampler.sample(n, steps=0, seed=sample_seed),
+              "tilted": sampler.sample(n, steps=steps, seed=sample_seed),
+              "base_bn_readjusted": nvae_sampler.sample(n, steps=0, seed=sample_seed)}
+
+    as_nchw = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2)
+    reference = judge.features(as_nchw(load_digits_split("test", DIGIT_SIZE)[0]))
+    training = judge.features(as_nchw(load_digits_split("train", DIGIT_SIZE)[0]))
+    for key, batch in images.items():
+        results[f"digits_{key}_fd"] = frechet_distance(reference, judge.features(batch))
+        report.image(f"digits/samples_{key}", batch[:64], value_range=(0, 255))
+    results.update(digits_train_fd=frechet_distance(reference, training), digits_classifier_acc=judge.accuracy,
+                   digits_image_size=DIGIT_SIZE, digits_sample_steps=int(steps),
+                   digits_eval_seconds=round(time.perf_counter() - trained, 1))
+    return results
+
+
+def train_digit_models(settings: Settings, seed: int, models_dir: Path, report) -> tuple[Path, Path, dict]:
+    """(NVAE run, tilt run, timings): nvae/digits16, then vaebm/latent-tilting-digits at 16×16 on digits-train."""
+    from trainer.evaluation.train_models import train_nvae_run, train_vaebm_run
 
     started = time.perf_counter()
     nvae_run = train_nvae_run("digits16", [f"train.seed={seed}", f"train.max_steps={settings.digits_nvae_steps}"],
                               models_dir, report.log)
     middle = time.perf_counter()
+    # The preset is 32×32 on all digits; here it scores the 16×16 NVAE's decoder means, on the training split.
     overrides = [f"train.seed={seed}", f"train.max_steps={settings.digits_ebm_steps}", "data.dataset=digits-train",
                  f"data.image_size={DIGIT_SIZE}", "energy.layout=digits16", "train.image_every=0"]
     if settings.digits_ebm_batch:
@@ -252,24 +302,6 @@ def digits_experiment(settings: Settings, seed: int, models_dir: Path, report) -
     if settings.digits_ebm_langevin_steps:
         overrides.append(f"langevin.steps={settings.digits_ebm_langevin_steps}")
     tilt_run = train_vaebm_run("latent-tilting-digits", nvae_run, overrides, models_dir, report.log)
-    trained = time.perf_counter()
-
-    judge = load_or_train_classifier(DIGIT_SIZE, seed, models_dir, log=report.log)
-    n, sample_seed = settings.digits_samples, derive_seed(seed, "latent-tilting-digits")
-    sampler = sampler_for(tilt_run, temperatures=(), log=report.log)  # the trained BN statistics, as Langevin uses
-    steps = sampler.defaults["steps"] if settings.digits_sample_steps is None else settings.digits_sample_steps
-    report.log(f"digits: {n} NVAE samples, and the same chains after {steps} Langevin steps in ε_z")
-    images = {"base": sampler.sample(n, steps=0, seed=sample_seed),
-              "tilted": sampler.sample(n, steps=steps, seed=sample_seed),
-              "base_bn_readjusted": sampler_for(nvae_run, temperatures=(1.0,), log=report.log).sample(n, steps=0, seed=sample_seed)}
-    as_nchw = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2)
-    held_out = as_nchw(load_digits_split("test", DIGIT_SIZE)[0])
-    reference = judge.features(held_out)
-    results = {f"digits_{key}_fd": frechet_distance(reference, judge.features(batch)) for key, batch in images.items()}
-    for key, batch in images.items():
-        report.image(f"digits/samples_{key}", batch[:64], value_range=(0, 255))
-    results.update(digits_train_fd=frechet_distance(reference, judge.features(as_nchw(load_digits_split("train", DIGIT_SIZE)[0]))),
-                   digits_classifier_acc=judge.accuracy, digits_image_size=DIGIT_SIZE, digits_sample_steps_used=int(steps),
-                   digits_nvae_train_seconds=round(middle - started, 1), digits_ebm_train_seconds=round(trained - middle, 1),
-                   digits_eval_seconds=round(time.perf_counter() - trained, 1))
-    return results
+    timings = {"digits_nvae_train_seconds": round(middle - started, 1),
+               "digits_ebm_train_seconds": round(time.perf_counter() - middle, 1)}
+    return nvae_run, tilt_run, timings

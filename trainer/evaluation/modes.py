@@ -20,7 +20,7 @@ import numpy as np
 from trainer.evaluation import digit_experiments as common
 
 NUM_MODES = 1000
-QUICK = {"image_size": 16, "nvae_steps": 700, "vaebm_steps": 100, "samples": 2000}
+QUICK = {"image_size": 16, "nvae_steps": 500, "vaebm_steps": 150, "samples": 1500}
 FULL = {"image_size": 16, "nvae_steps": 4000, "vaebm_steps": 600, "samples": 10000}
 
 

@@ -27,7 +27,7 @@ import torch
 
 from trainer.evaluation import digit_experiments as common
 
-QUICK = {"image_size": 16, "nvae_steps": 700, "vaebm_steps": 100, "samples": 359}
+QUICK = {"image_size": 16, "nvae_steps": 500, "vaebm_steps": 150, "samples": 359}
 FULL = {"image_size": 16, "nvae_steps": 3000, "vaebm_steps": 600, "samples": 359}
 IWAE_SAMPLES = {"quick": 8, "full": 64}
 OOD_SETS = ("photos", "noise", "interp", "constant", "inverted")

@@ -221,6 +221,11 @@ def sample_figures(truth, vae, energy, vae_points, vae_energies, ebm_dir: Path, 
     for name, points in samples.items():
         report.scatter(f"samples_{name}", points, PLOT_EXTENT)
         results[f"{name}_near_mode"] = near_mode_fraction(truth, points)
+    # How evenly each model spreads its mass over the 25 modes (0.04 each for the truth): an energy whose
+    # wells have unequal depths loses likelihood on the shallow modes even when its samples look good.
+    for name, weights in (("vae", None), ("vaebm", torch.softmax(-vae_energies.double(), 0))):
+        shares = mode_shares(truth, vae_points, weights)
+        results[f"{name}_mode_share_min"], results[f"{name}_mode_share_max"] = float(shares.min()), float(shares.max())
     return results
 
 
@@ -238,6 +243,14 @@ def vaebm_langevin_samples(vae, energy, n: int, steps: int, step_size: float, ge
         with torch.no_grad():
             out.append(adapter.negatives(chains.noise, use_mean=False))
     return torch.cat(out)
+
+
+def mode_shares(truth: Gaussians25, points: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of the (weighted) points [N, 2] nearest to each of the 25 modes: [25], summing to 1."""
+    nearest = torch.cdist(points.double(), truth.means).argmin(dim=1)
+    weights = torch.ones(len(points), dtype=torch.float64) if weights is None else weights.double()
+    shares = torch.zeros(len(truth.means), dtype=torch.float64).index_add_(0, nearest, weights)
+    return shares / shares.sum()
 
 
 def near_mode_fraction(truth: Gaussians25, points: torch.Tensor) -> float:

@@ -26,15 +26,18 @@ from trainer.config import load_config, to_dict
 from trainer.errors import UserError
 
 Log = Callable[[str], None]
-# Keys that change how a run reports, not what it trains: left out of the run's hash.
-_NOT_HASHED = {("train", "progress_bar"), ("train", "log_every"), ("data", "num_workers"), ("data", "cache_dir")}
+# What changes how a run reports, not what it trains, is left out of the run's hash: these keys, and
+# whole sections (in-training FID), so that a run stays found when such options are added or changed.
+_NOT_HASHED = {("train", "progress_bar"), ("train", "log_every"), ("train", "image_every"), ("data", "num_workers"),
+               ("data", "cache_dir")}
+_NOT_HASHED_SECTIONS = {"eval"}
 # Always applied: no progress bars inside an experiment's output.
 _QUIET = ["train.progress_bar=false"]
 
 
 def _run_dir(kind: str, preset: str, cfg, models_dir: Path) -> Path:
     """models_dir/<kind>-<preset stem>-<10 hex digits of the resolved config>."""
-    tree = to_dict(cfg)
+    tree = {name: section for name, section in to_dict(cfg).items() if name not in _NOT_HASHED_SECTIONS}
     for section, key in _NOT_HASHED:
         tree.get(section, {}).pop(key, None)
     digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]

@@ -8,8 +8,9 @@
 2. On the held-out `digits-test` split, binarized once with a fixed seed (the paper's fixed test
    binarization), with the EMA weights:
    - `<model>_ll`: test log-likelihood in nats per image by importance sampling with --is-samples
-     posterior samples (5,000 in the paper), averaged over --test-points images (`<model>_elbo`: the
-     training objective's ELBO averaged over --elbo-draws passes, for the gap);
+     posterior samples (5,000 in the paper), averaged over --test-points images (`<model>_ll_tenth`:
+     the same with a tenth of the samples, which shows whether the estimate has converged;
+     `<model>_elbo`: the training objective's ELBO averaged over --elbo-draws passes);
    - active units per latent level (Burda et al. 2015): units u with Cov_x(E_q[u|x]) > 0.01 over the
      test images (`<model>_active_units` for the one-level VAE, `..._z1` and `..._z2` for the HVAE), and
      the KL of each level in nats (`<model>_kl`, `..._kl_z1`, `..._kl_z2`; a VampPrior level's is the
@@ -88,6 +89,7 @@ def score(model, x: torch.Tensor, settings: Settings, seed: int) -> dict[str, fl
     """Test LL (importance sampling), ELBO and active units per level of one trained model."""
     generator = torch.Generator().manual_seed(seed)
     ll = model.log_likelihood(x, settings.is_samples, batch=16_384, generator=generator)
+    ll_tenth = model.log_likelihood(x, max(1, settings.is_samples // 10), batch=16_384, generator=generator)
     with torch.random.fork_rng(devices=[]):  # the training pass draws from the global RNG: seed it, then restore it
         torch.manual_seed(seed)
         outputs = [model(x) for _ in range(settings.elbo_draws)]
@@ -95,7 +97,7 @@ def score(model, x: torch.Tensor, settings: Settings, seed: int) -> dict[str, fl
     kl = torch.stack([torch.stack(o.kl_per_group).mean(1) for o in outputs]).mean(0)  # [levels], top first
     means = model.posterior_means(x, settings.au_samples, generator=generator)  # top level first
     active = [int((m.var(dim=0) > ACTIVE_THRESHOLD).sum()) for m in means]
-    result = {"ll": float(ll.mean()), "elbo": float(elbo)}
+    result = {"ll": float(ll.mean()), "ll_tenth": float(ll_tenth.mean()), "elbo": float(elbo)}
     suffixes = [""] if len(active) == 1 else ["_z2", "_z1"]
     for suffix, units, nats in zip(suffixes, active, kl.tolist()):
         result[f"active_units{suffix}"], result[f"kl{suffix}"] = units, nats
