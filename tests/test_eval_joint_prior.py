@@ -47,11 +47,11 @@ def test_joint_prior_end_to_end(tmp_path, cache_dir):
     assert data["experiment"] == "joint-prior" and "joint_fd" in result.stdout
     fds = ["base_fd", "base_fd_train_bn", "joint_fd", "joint_fd_steps_1", "joint_fd_steps_2", "train_fd",
            "hvae_base_fd", "hvae_joint_fd", "hvae_joint_fd_steps_1", "hvae_joint_fd_steps_2", "hvae_train_fd"]
-    for key in fds + ["base_kl", "joint_kl", "data_kl", "joint_energy_gap", "hvae_joint_energy_gap"]:
+    for key in fds + ["base_kl", "base_kl_train_bn", "joint_kl", "data_kl", "joint_energy_gap", "hvae_joint_energy_gap"]:
         assert math.isfinite(data[key]) and (key.endswith("energy_gap") or data[key] >= 0), (key, data[key])
     assert data["joint_fd"] == data["joint_fd_steps_2"]  # the preset's K (set to 2 here) is the headline number
     assert data["train_fd"] < data["base_fd"]  # real digits are closer to real digits than a 2-step VAE's samples
-    for key in ("base_modes", "joint_modes", "data_modes"):
+    for key in ("base_modes", "base_modes_train_bn", "joint_modes", "data_modes"):
         assert 1 <= data[key] <= 24
     assert data["samples"] == 24 and data["mode_samples"] == 24 and data["ablation"] == "train"
     # One energy per ablation K on each base (K = 2 is the preset's run, so it is not trained twice).

@@ -158,6 +158,16 @@ def test_more_importance_samples_tighten_the_bound():
     assert one < ten < many
 
 
+def test_test_images_are_binarized_once():
+    from trainer.evaluation.vampprior import binarized_test_images
+
+    x = binarized_test_images(8, 20, seed=0)
+    assert x.shape == (20, 3, 8, 8) and set(x.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(x, x[:, :1].expand_as(x)) and torch.equal(x, binarized_test_images(8, 20, seed=0))
+    model = tiny_model(1, "standard")
+    assert torch.equal(model.binarize(x), (x[:, 0].flatten(1) + 1) / 2)  # a binary image is never re-binarized
+
+
 def test_active_units_statistic_and_config_errors():
     model = tiny_model(2, "standard")
     with torch.no_grad():

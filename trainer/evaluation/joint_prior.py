@@ -18,7 +18,8 @@ digits   NVAE (nvae/digits16, `digits-train`, 16×16) + vaebm/joint-prior-digits
          energy (trained with 20 steps) with K steps. The JSON says which (`ablation`).
 stacked  NVAE (nvae/stacked-digits: an independent digit per RGB channel, 1,000 modes) +
          vaebm/joint-prior-stacked-digits. Modes hit and KL(sample modes ‖ uniform), as `modes`:
-         `base_modes`, `base_kl`, `joint_modes`, `joint_kl`; `data_modes`, `data_kl`: the dataset itself.
+         `base_modes`, `base_kl`, `base_modes_train_bn`, `base_kl_train_bn` (as for digits), `joint_modes`,
+         `joint_kl`; `data_modes`, `data_kl`: as many images of the dataset itself.
 hvae     the VampPrior paper's two-level HVAE with the standard prior (nvae/vamp-digits with
          model.prior=standard: gated MLPs, binarized 8×8 grey digits) + vaebm/joint-prior-hvae-digits.
          `hvae_base_fd`, `hvae_joint_fd`, `hvae_joint_fd_steps_K` (always trained per K: Langevin through
@@ -272,13 +273,15 @@ def stacked_part(ctx: Context) -> dict:
     vae_run = ctx.train_vae("stacked-digits", s.stacked_nvae_steps, list(args.nvae_set))
     run = ctx.train_joint("joint-prior-stacked-digits", vae_run, s.joint_steps, None, list(args.joint_set))
     sampler = sampler_for(run, bn_passes=s.bn_passes, seed=args.seed, log=ctx.report.log)
+    trained_bn = sampler_for(run, temperatures=(), seed=args.seed, log=ctx.report.log)  # as in fd_part
     k = int(sampler.defaults["steps"])
     results = {"data_modes": data_modes, "data_kl": data_kl, "mode_samples": len(data), "kl_max": math.log(NUM_MODES),
                "stacked_nvae_steps": s.stacked_nvae_steps, "stacked_sample_steps": k}
-    for name, n_steps in (("base", 0), ("joint", k)):
-        samples = ctx.samples(sampler, s.mode_samples, n_steps, f"stacked_{name}")
+    for model, suffix, source, n_steps in (("base", "", sampler, 0), ("base", "_train_bn", trained_bn, 0),
+                                           ("joint", "", sampler, k)):
+        samples = ctx.samples(source, s.mode_samples, n_steps, f"stacked_{model}{suffix}")
         modes, kl = mode_statistics(stacked_labels(classify_channels(judge, samples)))
-        results.update({f"{name}_modes": modes, f"{name}_kl": kl})
+        results.update({f"{model}_modes{suffix}": modes, f"{model}_kl{suffix}": kl})
     results.update({f"stacked_joint_{key}": value for key, value in last_energy_stats(run).items()})
     return results
 
@@ -313,5 +316,5 @@ def run(args: argparse.Namespace, report) -> dict:
         results["hvae_joint_fd_gain"] = results["hvae_base_fd"] - results["hvae_joint_fd"]
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     results["cpu_seconds"] = round(sum(u.ru_utime + u.ru_stime for u in usage), 1)  # data workers included
-    results["ablation_steps"] = steps
+    results.update(ablation_steps=steps, quick=bool(args.quick))
     return results

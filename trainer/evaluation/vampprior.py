@@ -76,12 +76,14 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 
 def binarized_test_images(image_size: int, count: int, seed: int) -> torch.Tensor:
-    """The first `count` digits-test images, binarized once: [count, 3, S, S] in {−1, +1}."""
+    """The first `count` digits-test images, binarized once: [count, 3, S, S] in {−1, +1}, grey replicated
+    (one Bernoulli draw per pixel, so the models see a fixed binary image and never re-binarize it)."""
     from data.bundled import load_digits_split
 
     images, _ = load_digits_split("test", image_size)
-    x = torch.from_numpy(images[:count]).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, S, S] in [0, 1]
-    return torch.bernoulli(x, generator=torch.Generator().manual_seed(seed)) * 2.0 - 1.0
+    grey = torch.from_numpy(images[:count, :, :, :1]).permute(0, 3, 1, 2).float() / 255.0  # [N, 1, S, S] in [0, 1]
+    binary = torch.bernoulli(grey, generator=torch.Generator().manual_seed(seed)) * 2.0 - 1.0
+    return binary.expand(-1, 3, -1, -1)
 
 
 @torch.no_grad()
