@@ -68,11 +68,11 @@ class Settings:
 
 
 # Quick: within 10 minutes on 2 idle CPU cores, training included (see README for the measured time).
-QUICK = Settings(digits_nvae_steps=300, stacked_nvae_steps=300, joint_steps=40, hvae_steps=1000,
-                 hvae_joint_steps=100, samples=500, mode_samples=1000, bn_passes=100, ablation="sample")
+QUICK = Settings(digits_nvae_steps=400, stacked_nvae_steps=400, joint_steps=50, hvae_steps=1000,
+                 hvae_joint_steps=100, samples=400, mode_samples=800, bn_passes=100, ablation="sample")
 # Full: the NVAE step counts of fd-digits and modes (FULL), so a shared --models-dir shares those NVAEs.
 FULL = Settings(digits_nvae_steps=3000, stacked_nvae_steps=4000, joint_steps=300, hvae_steps=3000,
-                hvae_joint_steps=600, samples=5000, mode_samples=10000, bn_passes=500, ablation="train")
+                hvae_joint_steps=600, samples=2000, mode_samples=5000, bn_passes=500, ablation="train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
