@@ -62,7 +62,13 @@ ROWS = [
     ("vampprior", "binarized digits test LL, HVAE + VampPrior", "hvae_vamp_ll", ""),
     ("joint-prior", "digits feature FD, base NVAE", "base_fd", ""),
     ("joint-prior", "digits feature FD, joint latent prior", "joint_fd", ""),
+    ("joint-prior", "digits feature FD, base NVAE with its trained BN statistics (as Langevin uses)", "base_fd_train_bn", ""),
     ("joint-prior", "joint prior FD, 10 / 20 / 40 Langevin steps", "joint_fd_steps_10,joint_fd_steps_20,joint_fd_steps_40", ""),
+    ("joint-prior", "stacked digits: modes covered, NVAE / joint prior (of 1000)", "base_modes,joint_modes", ""),
+    ("joint-prior", "stacked digits: KL(modes ‖ uniform), NVAE / joint prior", "base_kl,joint_kl", ""),
+    ("joint-prior", "binarized digits feature FD, HVAE / HVAE + joint prior", "hvae_base_fd,hvae_joint_fd", ""),
+    ("joint-prior", "HVAE joint prior FD, 10 / 20 / 40 Langevin steps", "hvae_joint_fd_steps_10,hvae_joint_fd_steps_20,hvae_joint_fd_steps_40",
+     "improves with steps"),
 ]
 
 

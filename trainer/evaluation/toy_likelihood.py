@@ -54,7 +54,7 @@ class Settings:
 
 FULL = Settings(vae_steps=None, ebm_steps=None, test_points=10_000, iwae_samples=2_000, log_z_samples=1_000_000,
                 grid_step=0.025, grid_extent=3.5, grid_iwae_samples=200, plot_points=20_000)
-QUICK = Settings(vae_steps=6_000, ebm_steps=1_500, test_points=2_000, iwae_samples=500, log_z_samples=200_000,
+QUICK = Settings(vae_steps=None, ebm_steps=None, test_points=2_000, iwae_samples=500, log_z_samples=200_000,
                  grid_step=0.05, grid_extent=3.5, grid_iwae_samples=50, plot_points=5_000)
 
 
