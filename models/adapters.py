@@ -13,7 +13,9 @@ is an energy on part of T(ε):
 An adapter offers the same calls for all three, so the EBM training loop (`trainer/vaebm_loop.py`),
 the bundle sampler (`models/sampler.py`) and the benchmarks never branch on the method:
 
-    chain_shapes                     per-sample shapes of the noise Langevin moves
+    chain_shapes                     per-sample shapes of the noise of a chain
+    held_noise                       indices into chain_shapes that Langevin carries unchanged (a VampPrior
+                                     top group's component selector ε_k: each chain keeps its component)
     adapter(noise) -> [B]            E(part of T(noise)), the potential minus ½‖ε‖²
     negatives(noise, use_mean)       what the energy scores for Langevin samples (no gradient)
     positives(x, posterior_eps)      what the energy scores for a data batch x (posterior noise: joint prior)
@@ -48,6 +50,12 @@ class NoiseEnergy:
     def chain_shapes(self) -> list[tuple[int, ...]]:
         shapes = [tuple(s) for s in self.vae.latent_shapes]
         return [*shapes, tuple(self.vae.image_shape)] if self.moves_eps_x else shapes
+
+    @property
+    def held_noise(self) -> tuple[int, ...]:
+        """Indices into `chain_shapes` that `models.langevin.langevin` must not move (it reads this
+        attribute): the VAE's own `held_noise` (indices into its `latent_shapes`, which come first)."""
+        return tuple(getattr(self.vae, "held_noise", ()))
 
     def latent_noise(self, noise: Noise) -> Noise:
         return list(noise[:-1]) if self.moves_eps_x else list(noise)

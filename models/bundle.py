@@ -270,7 +270,7 @@ def load_bundle(path: str | Path, device: torch.device | str = "cpu") -> "Bundle
             raise BundleError(f"{MANIFEST}: a vaebm bundle needs an 'energy' entry")
         energy_cfg = _build_config(EnergyNetConfig, energy_entry.get("config"), f"{MANIFEST} energy.config")
         try:
-            energy = build_energy(energy_cfg, vae.latent_shapes)
+            energy = build_energy(energy_cfg, vae.z_shapes)
         except ValueError as err:
             raise BundleError(f"{MANIFEST} energy.config: {err}") from None
         energy_path = path / str(energy_entry.get("file", ENERGY_FILE))

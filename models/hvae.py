@@ -149,6 +149,11 @@ class HVAE(nn.Module):
         return [(self.cfg.latent_dim,)] * self.cfg.levels + ([(1,)] if self.vamp is not None else [])
 
     @property
+    def z_shapes(self) -> list[tuple[int]]:
+        """Shapes of the latents z themselves, top level first (without the selector)."""
+        return [(self.cfg.latent_dim,)] * self.cfg.levels
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
 

@@ -22,6 +22,12 @@ not depend on the batch size. Gradients are taken with `torch.autograd.grad` w.r
 parameter of the generator or energy ever accumulates a `.grad`. ε is kept in fp32; `autocast_dtype`
 wraps only `energy_fn` in `torch.autocast`.
 
+Held noise: a tensor listed in `held` (e.g. the component selector ε_k of a VampPrior top group, on
+which T is piecewise constant) is part of each chain's state but not of the dynamics: it is passed to
+`energy_fn` unchanged at every step, gets no gradient, no ½‖ε‖² drift and no injected noise (its
+½‖ε_k‖² is a constant of the chain). By default `langevin` reads `held` from `energy_fn.held_noise`,
+which the adapters of `models/adapters.py` take from the VAE, so every caller honours it.
+
 Noise sources: `BatchNoise` (one draw per tensor per step, fast, for training: the caller seeds its
 generator per (seed, rank, step)) and `PerChainNoise` (one generator per chain, so chain i's trajectory
 depends only on its seed, whatever the batch size: for sampling).
@@ -149,6 +155,7 @@ def langevin(
     autocast_dtype: torch.dtype | None = None,
     callback: Callable[[int, list[torch.Tensor]], None] | None = None,
     callback_every: int = 0,
+    held: Sequence[int] | None = None,
 ) -> LangevinResult:
     """Run `steps` Langevin updates of U(ε) = energy_fn(ε) + ½Σ‖ε_i‖² from the initial noise.
 
@@ -161,23 +168,34 @@ def langevin(
         autocast_dtype: if set (e.g. torch.bfloat16), `energy_fn` runs under `torch.autocast`.
         callback, callback_every: if both set, `callback(t, ε_t)` is called with detached copies for
             t = 0, k, 2k, … ≤ steps (t counts updates done), e.g. for chain visualizations.
+        held: indices into `noise` of tensors carried unchanged (see the module docstring); None: the
+            `held_noise` attribute of `energy_fn` if it has one, else none. Diagnostics and the noise
+            source cover the moving tensors only.
 
     Returns:
-        `LangevinResult` with the final noise (detached fp32, same shapes) and per-step diagnostics.
+        `LangevinResult` with the final noise (detached fp32, same shapes; held tensors as given) and
+        per-step diagnostics.
     """
     if not noise:
         raise ValueError("langevin needs at least one noise tensor")
+    held = set(getattr(energy_fn, "held_noise", ()) if held is None else held)
+    if not held <= set(range(len(noise))):
+        raise ValueError(f"held noise indices {sorted(held)} out of range for {len(noise)} noise tensors")
+    moving = [i for i in range(len(noise)) if i not in held]
+    if not moving:
+        raise ValueError("langevin needs at least one noise tensor that is not held")
     noise_source = noise_source if noise_source is not None else BatchNoise()
     device = noise[0].device
-    shapes = [n.shape for n in noise]
+    shapes = [noise[i].shape for i in moving]
     drift, diffusion = -0.5 * step_size, math.sqrt(step_size)
     autocast = (
         torch.autocast(device_type=device.type, dtype=autocast_dtype)
         if autocast_dtype is not None
         else contextlib.nullcontext()
     )
-    # Our own fp32 leaves; updated in place below (under no_grad), so no copy per step.
-    eps = [n.detach().to(torch.float32, copy=True).requires_grad_(True) for n in noise]
+    # Our own fp32 leaves; updated in place below (under no_grad), so no copy per step. Held ones take no grad.
+    eps = [n.detach().to(torch.float32, copy=True).requires_grad_(i not in held) for i, n in enumerate(noise)]
+    moved = [eps[i] for i in moving]
     grad_norms, noise_norms, energies = [], [], []
 
     def maybe_callback(t: int) -> None:
@@ -192,18 +210,18 @@ def langevin(
             raise ValueError(f"energy_fn must return one energy per chain, shape [{shapes[0][0]}], got {list(energy.shape)}")
         if energy.requires_grad:
             # d(Σ_b E_b)/dε: per-chain gradients, since chain b's energy depends only on chain b's ε.
-            grads = torch.autograd.grad(energy.float().sum(), eps, allow_unused=True)
+            grads = torch.autograd.grad(energy.float().sum(), moved, allow_unused=True)
         else:  # the energy does not depend on ε at all (e.g. a zero energy)
-            grads = [None] * len(eps)
+            grads = [None] * len(moved)
         with torch.no_grad():
             # ∇U = ∇E + ε: the gradient of ½‖ε‖² is added analytically. Out of place, because autograd
             # may hand back expanded or shared tensors that must not be written to.
-            grads = [e.clone() if g is None else g + e for g, e in zip(grads, eps)]
+            grads = [e.clone() if g is None else g + e for g, e in zip(grads, moved)]
             energies.append(energy.detach().float().mean())
             grad_norms.append(_per_chain_sq_norm(grads).sqrt().mean())
-            noise_norms.append(_per_chain_sq_norm(eps).sqrt().mean())
+            noise_norms.append(_per_chain_sq_norm(moved).sqrt().mean())
             omegas = noise_source.sample(shapes, device)
-            for e, g, omega in zip(eps, grads, omegas):
+            for e, g, omega in zip(moved, grads, omegas):
                 e.add_(g, alpha=drift).add_(omega, alpha=diffusion)
         maybe_callback(t + 1)
 

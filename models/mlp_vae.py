@@ -91,6 +91,11 @@ class MLPVAE(nn.Module):
         return [(self.cfg.latent_dim,)]
 
     @property
+    def z_shapes(self) -> list[tuple[int]]:
+        """Shapes of the latents z themselves: the same as `latent_shapes`."""
+        return self.latent_shapes
+
+    @property
     def image_shape(self) -> tuple[int]:
         """(D,): the shape of one data vector (named as in NVAE for the trainers)."""
         return (self.cfg.data_dim,)

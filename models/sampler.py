@@ -127,7 +127,7 @@ class BundleSampler:
 
     @property
     def noise_shapes(self) -> list[tuple[int, ...]]:
-        """Per-sample shapes of the noise tensors [ε_z1, …, ε_zL, ε_x]."""
+        """Per-sample shapes of the noise tensors [ε_z1, …, ε_zL, (ε_k,) ε_x]."""
         return [*self.vae.latent_shapes, self.vae.image_shape]
 
     def _has_statistics(self, temperature: float) -> bool:
@@ -303,8 +303,8 @@ class BundleSampler:
     def decoder_mean(self, eps_z: Sequence[torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
         """μ_x(z(ε_z)) [N, C, H, W] (CPU) at `temperature` with the original BN statistics.
 
-        eps_z: one noise tensor per latent group, top (lowest-resolution) group first, each
-        [N, *latent_shape]. The mean is in the model's [−1, 1] units and, like the official decoder's,
+        eps_z: one noise tensor per `vae.latent_shapes` entry, each [N, *shape]: one per latent group,
+        top (lowest-resolution) group first, then a VampPrior top group's component selector [N, 1]. The mean is in the model's [−1, 1] units and, like the official decoder's,
         only soft-clamped: values slightly outside [−1, 1] occur (`to_uint8` clamps them for pixels).
         """
         eps_z = [e.to(self.device, torch.float32) for e in eps_z]

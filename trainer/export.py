@@ -166,7 +166,7 @@ def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: st
     vae = vae.to(device).eval().requires_grad_(False)
     energy = None
     if source.kind == "vaebm":
-        energy = build_energy(source.energy_config, vae.latent_shapes)
+        energy = build_energy(source.energy_config, vae.z_shapes)
         _load(energy, read_state_dict(source.checkpoint, "energy.safetensors"),
               str(source.checkpoint.path / "energy.safetensors"))
 

@@ -55,7 +55,7 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
 
     vae, vae_checkpoint = load_frozen_vae(cfg.vae.path, cfg.vae.weights, device)  # never wrapped or trained
     seed_everything(cfg.train.seed)
-    energy = build_energy(cfg.energy, vae.latent_shapes)
+    energy = build_energy(cfg.energy, vae.z_shapes)  # a latent energy scores z, not the noise
     optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                  weight_decay=cfg.optim.weight_decay)
     energy, optimizer = accelerator.prepare(energy, optimizer)
@@ -290,7 +290,7 @@ def log_chain_images(monitor: RunMonitor, adapter: NoiseEnergy, cfg: VAEBMTraini
 
 def load_trained_energy(run_dir: Path, device, latent_shapes=None) -> torch.nn.Module:
     """The energy network of a VAEBM run's newest checkpoint, in eval mode with requires_grad off.
-    A latent energy (joint prior) needs the VAE's `latent_shapes`."""
+    A latent energy (joint prior) needs the shapes of the VAE's latents (`vae.z_shapes`)."""
     from trainer.config import from_dict, read_yaml
 
     checkpoint_path = latest_checkpoint(run_dir)

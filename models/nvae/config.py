@@ -13,6 +13,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from models.vampprior import PSEUDO_INITS
+
+PRIORS = ("standard", "vamp")  # the prior of the top latent group (names as in models/hvae.py)
+
 
 @dataclass
 class NVAEConfig:
@@ -42,6 +46,9 @@ class NVAEConfig:
     bn_eps: float = 1e-5  # BatchNorm epsilon
     gradient_checkpointing: bool = False  # recompute cell activations in backward to save memory
     channels_last: bool = True  # run activations in NHWC layout (≈2× faster training on CPU, measured)
+    prior: str = "standard"  # prior of the top group: standard (N(0, 1.01²)) or vamp (VampPrior, models/vampprior.py)
+    pseudo_inputs: int = 50  # K, VampPrior components: learned pseudo-images encoded to q(z_1|u_k) (prior: vamp)
+    pseudo_init: str = "data"  # VampPrior pseudo-images start as random training images (data) or noise
 
     # ------------------------------------------------------------------------------------------
     # Derived quantities.
@@ -74,7 +81,7 @@ class NVAEConfig:
         positive = (
             "image_size", "in_channels", "channels_enc", "channels_dec", "num_latent_scales",
             "groups_per_scale", "min_groups_per_scale", "latents_per_group", "preprocess_cells",
-            "postprocess_cells",
+            "postprocess_cells", "pseudo_inputs",
         )
         for name in positive:
             value = getattr(self, name)
@@ -104,6 +111,11 @@ class NVAEConfig:
             raise ValueError(f"NVAE config field 'bn_momentum' must be in (0, 1], got {self.bn_momentum}")
         if not self.bn_eps > 0.0:
             raise ValueError(f"NVAE config field 'bn_eps' must be positive, got {self.bn_eps}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"NVAE config field 'prior' must be one of {', '.join(PRIORS)}, got {self.prior!r}")
+        if self.pseudo_init not in PSEUDO_INITS:
+            raise ValueError(f"NVAE config field 'pseudo_init' must be one of {', '.join(PSEUDO_INITS)}, "
+                             f"got {self.pseudo_init!r}")
         return self
 
     def replace(self, **changes) -> "NVAEConfig":

@@ -15,11 +15,28 @@ Data flow (facts §1.7–1.9, §2), for x in [−1, 1] (DESIGN §4.9):
 The generative path is a deterministic map of standard-normal noise (DESIGN §2):
 z_0 = t·1.01·ε_0, z_l = μ_p,l + t·σ_p,l·ε_l, x = μ_x + t·σ_x·ε_x. `decode` computes it and
 `encode_noise` inverts it along a posterior sample.
+
+VampPrior top group (`prior: vamp`, Tomczak & Welling 2018 §3; `models/vampprior.py`). The fixed
+N(0, 1.01²) of the top group z_1 = z_0 here (group index 0) is replaced by the mixture of the encoder's
+own top-group posteriors at K learned pseudo-images u_k [K, C, H, W]:
+
+    p(z_0) = (1/K) Σ_k q(z_0 | u_k),   log p(z_0) = logsumexp_k log q(z_0 | u_k) − log K
+
+each component a diagonal Gaussian over the whole group (log-probs summed over its C·h·w dimensions
+before the logsumexp). With posterior flows the components are the Gaussians q₀(z_0 | u_k) before the
+flows (still a learned mixture, evaluated at the flowed z_0). Training: the pseudo-images go through the
+encoder in the same batch as the data (one BN pass), and the top group's KL is the one-sample estimate
+log q(z_0|x) − log p(z_0). Generation: the components come from encoding the pseudo-images with the
+encoder BN layers in eval mode (running statistics), recomputed at every call, and the top group has two
+noise tensors: z_0 = μ_k + t·σ_k·ε_0 with k picked by the selector ε_k [B, 1], which is listed LAST in
+`latent_shapes` ([ε_0, …, ε_{L−1}, ε_k]). z is piecewise constant in ε_k, so noise-space Langevin
+holds it fixed: `held_noise` names it, and `models.langevin.langevin` carries it along unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -33,6 +50,8 @@ from models.nvae.config import NVAEConfig
 from models.nvae.distributions import Normal
 from models.nvae.flows import PairedFlow
 from models.spectral import SpectralRegularizer, collect_convs
+from models import vampprior
+from models.vampprior import VampPrior
 
 DECODER_EXPANSION = 6  # mconv_e6k5g0 in the decoder tower
 POSTPROCESS_EXPANSION = 3  # mconv_e3k5g0 in the postprocess blocks
@@ -149,15 +168,30 @@ class NVAE(BNStatisticsMixin, nn.Module):
         # Built last so it sees every conv; its u/v buffers live in the state dict.
         self.spectral = SpectralRegularizer(collect_convs(self))
         self._bn_cache: dict[str, dict[str, torch.Tensor]] = {}
+        # Built last, so a standard-prior model draws exactly the initial weights it always did.
+        self.vamp = VampPrior(cfg.pseudo_inputs, self.image_shape, cfg.pseudo_init, value_range=(-1.0, 1.0)) \
+            if cfg.prior == "vamp" else None
 
     # ------------------------------------------------------------------------------------------
     # Shapes.
 
     @property
-    def latent_shapes(self) -> list[tuple[int, int, int]]:
-        """(latents, h, w) of every group in decoding order (top, lowest resolution, first)."""
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shapes of the latent noise ε_z: (latents, h, w) of every group in decoding order (top,
+        lowest resolution, first); a VampPrior top group adds its component selector ε_k, (1,), last."""
+        return [*self.z_shapes, *([(1,)] if self.vamp is not None else [])]
+
+    @property
+    def z_shapes(self) -> list[tuple[int, int, int]]:
+        """(latents, h, w) of the latents z themselves, one per group, top first (what `Generation.z` holds)."""
         top = self.cfg.top_resolution
         return [(self.cfg.latents_per_group, top * 2**s, top * 2**s) for s in self._group_scale]
+
+    @property
+    def held_noise(self) -> tuple[int, ...]:
+        """Indices into `latent_shapes` of noise that noise-space Langevin must carry unchanged: the
+        VampPrior's component selector ε_k (z does not depend smoothly on it); () otherwise."""
+        return (self.num_groups,) if self.vamp is not None else ()
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -248,32 +282,55 @@ class NVAE(BNStatisticsMixin, nn.Module):
         """Training pass: x [B, C, H, W] in [−1, 1] → reconstruction and KL terms.
 
         `posterior_eps`: the standard-normal noise of each group's posterior sample (L × [B, latents,
-        h, w], e.g. drawn per global sample by the trainer); None draws it from the global RNG.
+        h, w], e.g. drawn per global sample by the trainer; a VampPrior's extra selector entry is
+        unused); None draws it from the global RNG.
+
+        VampPrior top group: the pseudo-images u [K, C, H, W] are encoded in the same batch as x, so
+        train-mode BN normalizes both with one set of statistics, and the components (μ_k, σ_k) carry
+        gradients to the pseudo-images. Its KL is the one-sample estimate log q(z_0|x) − log p(z_0);
+        its `kl_per_channel` is the KL between 1-D marginals (a per-unit diagnostic that does not sum
+        to the group's KL, as in `models/hvae.py`).
         """
         x = self.quantize(x)
-        top, features = self._encode(x)
-        kl_terms = []
+        batch = x.shape[0]
+        components = None
+        if self.vamp is None:
+            top, features = self._encode(x)
+        else:
+            top_all, features_all = self._encode(torch.cat([x, self.vamp.pseudo_inputs().to(x.dtype)]))
+            top, features = top_all[:batch], [f[:batch] for f in features_all]
+            components = self._components(top_all[batch:])
+        kl_per_group, kl_per_channel = [], []
 
         def posterior_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
             q = self._posterior(g, state, prior_params, top, features)
             z0 = q.sample() if posterior_eps is None else q.sample_given_eps(posterior_eps[g])
             z = self._apply_flows(g, z0)
+            if g == 0 and components is not None:
+                log_q = q.log_prob(z0)  # [B, C, h, w]; flows are volume-preserving
+                flat = z.flatten(1)
+                kl_per_group.append(log_q.sum(dim=(1, 2, 3)) - vampprior.mixture_log_prob(flat, *components))
+                marginal = vampprior.marginal_log_probs(flat, *components).view_as(log_q)
+                kl_per_channel.append((log_q - marginal).sum(dim=(2, 3)).mean(dim=0))
+                return z
             p = self._prior(z, prior_params)
             if self.cfg.num_flows > 0:
                 # Volume-preserving flows: log q(z) = log q0(z0); one-sample Monte-Carlo KL.
-                kl_terms.append(q.log_prob(z0) - p.log_prob(z))
+                kl = q.log_prob(z0) - p.log_prob(z)
             else:
-                kl_terms.append(q.kl(p))
+                kl = q.kl(p)
+            kl_per_group.append(kl.sum(dim=(1, 2, 3)))
+            kl_per_channel.append(kl.sum(dim=(2, 3)).mean(dim=0))
             return z
 
-        zs, out = self._decoder(x.shape[0], posterior_latent)
+        zs, out = self._decoder(batch, posterior_latent)
         x_dist = Normal.from_params(out)
         return NVAEOutput(
             x_mean=x_dist.mu,
             x_log_sigma=torch.log(x_dist.sigma),
             recon_log_prob=x_dist.log_prob(x).sum(dim=(1, 2, 3)),
-            kl_per_group=[kl.sum(dim=(1, 2, 3)) for kl in kl_terms],
-            kl_per_channel=[kl.sum(dim=(2, 3)).mean(dim=0) for kl in kl_terms],
+            kl_per_group=kl_per_group,
+            kl_per_channel=kl_per_channel,
             z=zs,
         )
 
@@ -283,12 +340,17 @@ class NVAE(BNStatisticsMixin, nn.Module):
         """ε → (z, x): z_0 = t·1.01·ε_0, z_l = μ_p,l + t·σ_p,l·ε_l, x = μ_x + t·σ_x·ε_x.
 
         Temperature scales every prior σ and the decoder σ (DESIGN §4.7; the official Gaussian
-        decoder ignores it). Differentiable in the ε's. eps_z: L × [B, latents, h, w].
+        decoder ignores it). Differentiable in the ε's. eps_z: one tensor per `latent_shapes` entry,
+        L × [B, latents, h, w] (VampPrior: then ε_k [B, 1], and z_0 = μ_k + t·σ_k·ε_0; differentiable in
+        ε_0, not in ε_k, which must not require gradients).
         """
-        if len(eps_z) != self.num_groups:
-            raise ValueError(f"decode expects {self.num_groups} noise tensors, got {len(eps_z)}")
+        if len(eps_z) != len(self.latent_shapes):
+            raise ValueError(f"decode expects {len(self.latent_shapes)} noise tensors, got {len(eps_z)}")
+        components = self.prior_components() if self.vamp is not None else None
 
         def prior_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
+            if g == 0 and components is not None:
+                return vampprior.sample(eps_z[0].flatten(1), eps_z[-1], *components, temperature).view_as(eps_z[0])
             return self._prior(eps_z[g], prior_params, temperature).sample_given_eps(eps_z[g])
 
         zs, out = self._decoder(eps_z[0].shape[0], prior_latent)
@@ -317,15 +379,24 @@ class NVAE(BNStatisticsMixin, nn.Module):
 
         ε's invert `decode` at `temperature`; log w = log p(x|z) + log p(z) − log q(z|x) [B] at
         temperature 1 (an importance weight). Chain i's result depends only on its own noise.
+        VampPrior: x is encoded alone, the components come from `prior_components`, and ε_k (appended
+        last) picks the component most responsible for z_0 (`vampprior.invert`).
         """
         x = self.quantize(x)
         top, features = self._encode(x)
-        eps_z, log_w = [], []
+        components = self.prior_components() if self.vamp is not None else None
+        eps_z, log_w, selector = [], [], []
 
         def posterior_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
             q = self._posterior(g, state, prior_params, top, features)
             z0 = q.sample_given_eps(posterior_eps[g])
             z = self._apply_flows(g, z0)
+            if g == 0 and components is not None:
+                eps_top, eps_k = vampprior.invert(z.flatten(1), *components, temperature)
+                eps_z.append(eps_top.view_as(z))
+                selector.append(eps_k)
+                log_w.append(vampprior.mixture_log_prob(z.flatten(1), *components) - q.log_prob(z0).sum(dim=(1, 2, 3)))
+                return z
             eps_z.append(self._prior(z, prior_params, temperature).eps_given_sample(z))
             # Volume-preserving flows: log q(z) = log q0(z0), as in `forward`.
             log_w.append((self._prior(z, prior_params).log_prob(z) - q.log_prob(z0)).sum(dim=(1, 2, 3)))
@@ -334,14 +405,20 @@ class NVAE(BNStatisticsMixin, nn.Module):
         _, out = self._decoder(x.shape[0], posterior_latent)
         x_dist = Normal.from_params(out)
         eps_x = (x - x_dist.mu) / (temperature * x_dist.sigma)
-        return eps_z, eps_x, x_dist.log_prob(x).sum(dim=(1, 2, 3)) + torch.stack(log_w).sum(0)
+        return eps_z + selector, eps_x, x_dist.log_prob(x).sum(dim=(1, 2, 3)) + torch.stack(log_w).sum(0)
 
     def prior_log_prob(self, z: list[torch.Tensor]) -> torch.Tensor:
         """log p_θ(z) = Σ_l log p(z_l | z_<l) [B] of GIVEN latents (temperature 1), differentiable in
-        the prior's parameters: the decoder tower runs along z (for the joint prior's generator fine-tuning)."""
+        the prior's parameters: the decoder tower runs along z (for the joint prior's generator fine-tuning).
+        z: L × [B, latents, h, w]. VampPrior top group: log (1/K) Σ_k q(z_0|u_k), components from
+        `prior_components` (differentiable in the pseudo-images and the encoder)."""
         log_p = []
+        components = self.prior_components() if self.vamp is not None else None
 
         def given_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
+            if g == 0 and components is not None:
+                log_p.append(vampprior.mixture_log_prob(z[0].flatten(1), *components))
+                return z[0]
             log_p.append(self._prior(z[g], prior_params).log_prob(z[g]).sum(dim=(1, 2, 3)))
             return z[g]
 
@@ -354,14 +431,22 @@ class NVAE(BNStatisticsMixin, nn.Module):
         """(z, x) → (ε_z, ε_x): run the decoder along the given z's and invert `decode`.
 
         ε_x is None when x is None. decode(latents_to_noise(z, x, t), t) reproduces z and x.
+        z: L × [B, latents, h, w]; a VampPrior's ε_k (the most responsible component) is appended last.
         """
-        eps_z = []
+        eps_z, selector = [], []
+        components = self.prior_components() if self.vamp is not None else None
 
         def given_latent(g: int, state: torch.Tensor, prior_params: torch.Tensor | None) -> torch.Tensor:
+            if g == 0 and components is not None:
+                eps_top, eps_k = vampprior.invert(z[0].flatten(1), *components, temperature)
+                eps_z.append(eps_top.view_as(z[0]))
+                selector.append(eps_k)
+                return z[0]
             eps_z.append(self._prior(z[g], prior_params, temperature).eps_given_sample(z[g]))
             return z[g]
 
         _, out = self._decoder(z[0].shape[0], given_latent)
+        eps_z = eps_z + selector
         if x is None:
             return eps_z, None
         x_dist = Normal.from_params(out)
@@ -377,6 +462,51 @@ class NVAE(BNStatisticsMixin, nn.Module):
         eps_z = [torch.randn((n, *shape), generator=generator, device=device, dtype=dtype) for shape in self.latent_shapes]
         eps_x = torch.randn((n, *self.image_shape), generator=generator, device=device, dtype=dtype)
         return self.decode(eps_z, eps_x, temperature)
+
+    # ------------------------------------------------------------------------------------------
+    # The VampPrior of the top group (prior: vamp).
+
+    def _components(self, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top encoder features of the pseudo-images [K, C_top, h, w] → (μ_k, σ_k) [K, M] each, the
+        Gaussians q₀(z_0 | u_k) flattened over the group's M = latents·h·w dimensions."""
+        q = Normal.from_params(self.enc_samplers[0](top))
+        return q.mu.flatten(1), q.sigma.flatten(1)
+
+    @contextlib.contextmanager
+    def _running_bn_statistics(self) -> Iterator[None]:
+        """Inside the block every BN layer that was in train mode is in eval mode (normalizes with, and
+        does not update, its running statistics); restored on exit."""
+        switched = [layer for _, layer in self.bn_layers(generative_only=False) if layer.training]
+        for layer in switched:
+            layer.train(False)
+        try:
+            yield
+        finally:
+            for layer in switched:
+                layer.train(True)
+
+    def prior_components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VampPrior's components (μ_k, σ_k) [K, M] each: the pseudo-images encoded with the encoder's
+        BN layers in eval mode, whatever the model's mode (so generation never moves the statistics).
+        Recomputed at every call, so it always reflects the current weights; differentiable in them."""
+        if self.vamp is None:
+            raise ValueError("prior_components: this NVAE has the standard top-group prior (model.prior=standard)")
+        with self._running_bn_statistics():
+            top, _ = self._encode(self.vamp.pseudo_inputs())
+        return self._components(top)
+
+    def pseudo_input_images(self) -> torch.Tensor:
+        """The VampPrior's pseudo-images [K, C, H, W] in (−1, 1)."""
+        return self.vamp.pseudo_inputs()
+
+    @property
+    def pseudo_inputs_from_data(self) -> int:
+        """How many training images the trainer should hand to `init_pseudo_inputs` (0: none)."""
+        return self.cfg.pseudo_inputs if self.vamp is not None and self.cfg.pseudo_init == "data" else 0
+
+    def init_pseudo_inputs(self, images: torch.Tensor) -> None:
+        """Start the pseudo-images at training images [K, C, H, W] in [−1, 1]."""
+        self.vamp.initialize_from(images.float())
 
     # ------------------------------------------------------------------------------------------
     # Regularizers (facts §4.4).
