@@ -24,7 +24,8 @@ Noise ↔ (z, x) map (DESIGN §2), at temperature t (which scales the prior σ's
     x  = +1 where Φ(ε_x) < p(z), −1 elsewhere (channel 0 of ε_x; every channel of x is the same)
 The noise list is [ε_z2, ε_z1] (standard) or [ε_z2, ε_z1, ε_k] (vamp; `latent_shapes` lists (1,) for
 ε_k last). The map to x is a step function of ε_x: noise-space Langevin on ε_x (VAEBM) is refused; on
-ε_z of a standard-prior model it is exact (the joint latent EBM prior, latent tilting on x_mean).
+ε_z it is exact (the joint latent EBM prior, latent tilting on x_mean), with a VampPrior's ε_k held fixed
+per chain (`held_noise`).
 
 `forward` draws its posterior noise and binarization from the global RNG (it takes no `posterior_eps`),
 so the NVAE trainer's `data.split=global` mode is refused for these models; everything else of the
@@ -147,6 +148,12 @@ class HVAE(nn.Module):
     def latent_shapes(self) -> list[tuple[int]]:
         """Noise shapes, top level first; a VampPrior adds its component selector (1,) last."""
         return [(self.cfg.latent_dim,)] * self.cfg.levels + ([(1,)] if self.vamp is not None else [])
+
+    @property
+    def held_noise(self) -> tuple[int, ...]:
+        """Indices into `latent_shapes` that noise-space Langevin carries unchanged: the VampPrior's component
+        selector ε_k (z is piecewise constant in it; each chain keeps its component); () otherwise."""
+        return (self.cfg.levels,) if self.vamp is not None else ()
 
     @property
     def z_shapes(self) -> list[tuple[int]]:

@@ -230,3 +230,27 @@ def test_evaluate_vampprior_end_to_end(tmp_path, cache_dir):
     assert result["hvae_vamp_gain"] == pytest.approx(result["hvae_vamp_ll"] - result["hvae_standard_ll"])
     assert (result["test_points"], result["is_samples"], result["train_steps"]) == (5, 3, 2)
     assert (tmp_path / "eval" / "pseudo_inputs_hvae_vamp.png").is_file()
+
+
+@pytest.mark.parametrize("method", ["latent-tilting", "joint-prior"])
+def test_hvae_vampprior_langevin_holds_the_component(method):
+    """Latent-space Langevin on a VampPrior HVAE moves ε_z2, ε_z1 and keeps each chain's component ε_k."""
+    from models.adapters import build_adapter
+    from models.langevin import PerChainNoise, langevin
+    from models.energy import EnergyNetConfig, build_energy
+
+    model = tiny_model(levels=2, prior="vamp").requires_grad_(False)
+    if method == "joint-prior":
+        energy = build_energy(EnergyNetConfig(kind="latent", hidden=8, depth=1), model.z_shapes)
+    else:
+        energy = lambda x: x.flatten(1).square().sum(1)  # an energy on the decoder mean
+    adapter = build_adapter(method, model, energy)
+    assert adapter.held_noise == (2,) and len(adapter.chain_shapes) == 3
+    source = PerChainNoise([1, 2, 3])
+    start = source.initial(adapter.chain_shapes)
+    result = langevin(start, adapter, 3, 0.05, source)
+    assert torch.equal(result.noise[2], start[2])
+    assert not torch.equal(result.noise[0], start[0]) and not torch.equal(result.noise[1], start[1])
+    assert torch.isfinite(result.energy).all()
+    with pytest.raises(ValueError, match="Langevin"):  # moving the selector is refused
+        langevin(start, adapter, 1, 0.05, source, held=())
