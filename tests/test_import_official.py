@@ -40,12 +40,7 @@ def _script(name: str):
 import_main, export_main, sample_main = _script("import_official"), _script("export"), _script("sample")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fails(argv: list[str], capsys) -> str:

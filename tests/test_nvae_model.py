@@ -32,14 +32,7 @@ OFFICIAL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP's spin-waiting makes 2 threads
-    many times slower than 1 for these tiny tensors."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: 2 threads thrash on a shared 2-core box
 
 
 def _tiny(seed: int = 0, **changes) -> NVAE:

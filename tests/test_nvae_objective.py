@@ -14,12 +14,7 @@ from trainer.nvae_objective import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_nvae_model.py: 2 threads thrash on a shared 2-core box
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: 2 threads thrash on a shared 2-core box
 
 
 def test_kl_warmup_coeff_values():

@@ -30,12 +30,7 @@ TINY = NVAEConfig(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(prior: str = "vamp", pseudo_inputs: int = 3, seed: int = 0, **changes) -> NVAE:
