@@ -5,7 +5,7 @@
 The tilted model is p(z) ∝ p(z)·exp(−E(G(z))), G the decoder mean, with x ~ p(x|z): method
 `latent-tilting` of the one EBM loop (`models/adapters.py`), Langevin in ε_z only. Per dataset:
 
-1. 2-D toys (25-Gaussians, Swiss roll): the MLP VAE of preset nvae/toy2d (see TOY_VAE_OVERRIDES), then the
+1. 2-D toys (25-Gaussians, Swiss roll): the MLP VAE of preset nvae/toy2d, then the
    tilt of preset vaebm/latent-tilting-toy2d (60 training Langevin steps at step size 0.01, energy
    regularization 0.1, 1,000 iterations, 100 Langevin steps at sampling), both with `data.dataset` set
    to the toy. Everything runs at temperature 1. Keys `<toy>_...`:
@@ -74,11 +74,8 @@ class Settings:
     digits_sample_steps: int | None         # (None: the preset's 100)
 
 
-# The toy VAE: nvae/toy2d with TOY_VAE_OVERRIDES and more steps. With the preset's optimizer (lr 1e-3, eps 1e-3)
-# its decoder mean had collapsed to a constant at 2,000 and 4,000 steps on both toys (nothing for a tilt of
-# G(z) to move) and was still one-dimensional at 8,000; with lr 3e-3 and eps 1e-8 it spreads over the whole
-# 25-Gaussians grid and along the whole roll by 4,000 steps.
-TOY_VAE_OVERRIDES = ["optim.lr=3e-3", "optim.eps=1e-8"]
+# The toy VAE: nvae/toy2d (whose optimizer settings keep the decoder mean from collapsing: see the preset;
+# a collapsed G(z) leaves a tilt nothing to move), with more steps in full mode.
 FULL = Settings(vae_steps=12_000, ebm_steps=None, ebm_batch=None, ebm_langevin_steps=None, sample_steps=None,
                 samples=20_000, test_points=10_000, iwae_samples=1_000, log_z_samples=1_000_000,
                 digits_nvae_steps=3_000, digits_ebm_steps=300, digits_ebm_batch=None, digits_ebm_langevin_steps=None,
@@ -168,7 +165,7 @@ def toy_experiment(name: str, settings: Settings, seed: int, models_dir: Path, r
     from trainer.evaluation.train_models import sampler_for, train_nvae_run, train_vaebm_run
 
     started = time.perf_counter()
-    vae_run = train_nvae_run("toy2d", [*TOY_VAE_OVERRIDES, *_toy_overrides(name, seed, settings.vae_steps)], models_dir,
+    vae_run = train_nvae_run("toy2d", [*_toy_overrides(name, seed, settings.vae_steps)], models_dir,
                              report.log)
     middle = time.perf_counter()
     tilt_run = train_vaebm_run("latent-tilting-toy2d", vae_run,
