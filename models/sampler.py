@@ -304,8 +304,9 @@ class BundleSampler:
         """μ_x(z(ε_z)) [N, C, H, W] (CPU) at `temperature` with the original BN statistics.
 
         eps_z: one noise tensor per `vae.latent_shapes` entry, each [N, *shape]: one per latent group,
-        top (lowest-resolution) group first, then a VampPrior top group's component selector [N, 1]. The mean is in the model's [−1, 1] units and, like the official decoder's,
-        only soft-clamped: values slightly outside [−1, 1] occur (`to_uint8` clamps them for pixels).
+        top (lowest-resolution) group first, then a VampPrior top group's component selector [N, 1].
+        The mean is in the model's [−1, 1] units and, like the official decoder's, only soft-clamped:
+        values slightly outside [−1, 1] occur (`to_uint8` clamps them for pixels).
         """
         eps_z = [e.to(self.device, torch.float32) for e in eps_z]
         return self.vae.decode(eps_z, None, temperature).x_mean.float().cpu()

@@ -15,10 +15,10 @@ from the mixture needs a component and a point of it, so a VampPrior latent has 
 which is an exact sample of the mixture (at temperature t = 1). The inverse is not unique (any k would
 do); `invert` picks the component most responsible for z and the midpoint of its interval,
 ε_k = Φ⁻¹((k + ½)/K), so decoding the inverse gives z back exactly. The map is piecewise constant in
-ε_k, so gradients with respect to ε_k do not exist and noise-space Langevin cannot move it. The NVAE
-with a VampPrior top group (`models/nvae/model.py`, `prior: vamp`) declares ε_k as `held_noise`: each
-chain keeps its component and Langevin moves the rest of ε (`models.langevin.langevin`, `held`). The
-VAE/HVAE of `models/hvae.py` declare nothing, so Langevin on them is refused (`sample` below).
+ε_k, so gradients with respect to ε_k do not exist and noise-space Langevin cannot move it. The models
+with a VampPrior (the NVAE's top group, `models/nvae/model.py`; the VAE/HVAE of `models/hvae.py`) declare
+ε_k as `held_noise`: each chain keeps its component and Langevin moves the rest of ε
+(`models.langevin.langevin`, `held`); a caller that would move ε_k is refused (`sample` below).
 """
 from __future__ import annotations
 
@@ -118,8 +118,8 @@ def sample(eps_z: torch.Tensor, eps_k: torch.Tensor, mu: torch.Tensor, sigma: to
     """
     if eps_k.requires_grad and eps_k.is_leaf:  # what Langevin differentiates
         raise ValueError("a VampPrior sample is piecewise constant in its component noise ε_k, so noise-space "
-                         "Langevin cannot move it: hold it fixed (langevin(..., held=...), automatic for an NVAE "
-                         "with model.prior=vamp) or use a model with prior=standard")
+                         "Langevin cannot move it: hold it fixed (langevin(..., held=...), automatic for models "
+                         "that declare held_noise) or use a model with prior=standard")
     k = select_component(eps_k, mu.shape[0])
     return mu[k] + temperature * sigma[k] * eps_z
 

@@ -165,8 +165,7 @@ def toy_experiment(name: str, settings: Settings, seed: int, models_dir: Path, r
     from trainer.evaluation.train_models import sampler_for, train_nvae_run, train_vaebm_run
 
     started = time.perf_counter()
-    vae_run = train_nvae_run("toy2d", [*_toy_overrides(name, seed, settings.vae_steps)], models_dir,
-                             report.log)
+    vae_run = train_nvae_run("toy2d", _toy_overrides(name, seed, settings.vae_steps), models_dir, report.log)
     middle = time.perf_counter()
     tilt_run = train_vaebm_run("latent-tilting-toy2d", vae_run,
                                _toy_overrides(name, seed, settings.ebm_steps, settings.ebm_batch,
