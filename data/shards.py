@@ -21,7 +21,6 @@ set is replaced only after the new one has been fully built, so a failed rewrite
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,11 +30,12 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from models.files import atomic_write_json, file_digest
 from trainer.errors import UserError
 
 INDEX_NAME = "index.json"
@@ -77,30 +77,6 @@ def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     info.mtime = 0
     info.mode = 0o644
     tar.addfile(info, io.BytesIO(payload))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to `path` through a temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; an index is meant to be shared
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _prepare_output(output: Path, overwrite: bool) -> list[Path]:
@@ -195,7 +171,7 @@ def _write_staged(samples, staging: Path, size: int, per_shard: int, image_forma
     def close_shard() -> None:
         tar.close()
         os.replace(part, final)  # a shard only gets its real name once complete
-        shards.append({"name": final.name, "num_samples": count, "sha256": _sha256(final)})
+        shards.append({"name": final.name, "num_samples": count, "sha256": file_digest(final)})
 
     for sample in samples:
         key, image = sample[0], sample[1]
@@ -245,7 +221,7 @@ def _publish(staging: Path, output: Path, index: dict) -> None:
         (output / name).unlink(missing_ok=True)
     for name in sorted(new_names):
         os.replace(staging / name, output / name)
-    write_json_atomic(output / INDEX_NAME, index)
+    atomic_write_json(output / INDEX_NAME, index, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +359,7 @@ def read_index(path: Path, verify_sha256: bool = False) -> dict:
         shard = root / entry["name"]
         if not shard.is_file():
             raise UserError(f"shard index {index_path} lists {entry['name']}, which does not exist")
-        if verify_sha256 and _sha256(shard) != entry["sha256"]:
+        if verify_sha256 and file_digest(shard) != entry["sha256"]:
             raise UserError(f"shard {shard} does not match the sha256 in {index_path}")
         total += entry["num_samples"]
     if total != index["num_samples"] or not index["shards"]:

@@ -20,7 +20,6 @@ import torch
 from data.stream import derive_seed
 from trainer.errors import UserError
 
-
 # With modes 1/0.0839 ≈ 12 std apart the components barely overlap, so E[log p(x)] is that of one
 # component minus log 25: −log 25 − log(2πσ²) − 1. Setting it to −1.10 gives σ² = e^0.1 / (50π).
 DEFAULT_STD_FRACTION = math.sqrt(math.exp(0.1) / (50 * math.pi))  # ≈ 0.08388

@@ -1,5 +1,5 @@
 """Energy adapters: how each energy method of our papers turns noise ε into an energy for the one
-Langevin sampler (`models/langevin.py`), which adds ½‖ε‖² itself (DESIGN §2).
+Langevin sampler (`models/langevin.py`), which adds ½‖ε‖² itself (README, Design).
 
 Every generator is a map T(ε) from standard-normal noise ε = (ε_z1 … ε_zL, ε_x) to (z, x); every method
 is an energy on part of T(ε):
@@ -112,7 +112,7 @@ class VAEBMEnergy(NoiseEnergy):
 class LatentTiltEnergy(NoiseEnergy):
     """Latent-space tilting (exponential tilting paper, Eq. 6): p(z) ∝ p(z)·exp(−E_ψ(G(z))) with G the
     decoder mean. Langevin moves ε_z only; in ε-space the prior term is exactly ½‖ε‖² because z is an
-    invertible (triangular) map of ε_z at fixed temperature (DESIGN §2)."""
+    invertible (triangular) map of ε_z at fixed temperature (README, Design)."""
 
     method = "latent-tilting"
 

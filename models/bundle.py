@@ -23,7 +23,6 @@ Sampling from a loaded bundle lives in `models/sampler.py`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.energy import EnergyNetConfig, build_energy
+from models.files import file_digest
 from models.hvae import HVAE, HVAEConfig
 from models.mlp_vae import MLPVAE, MLPVAEConfig
 from models.nvae.bn_stats import temperature_key
@@ -62,11 +62,7 @@ def _clean(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": file_digest(path)}
 
 
 def vae_type(vae) -> str:

@@ -18,7 +18,7 @@ Linear is plain (no WN) and is excluded from the spectral regularizer. There is 
 layer, so train/eval mode only matters for the one-time data-dependent init.
 
 Input range: the energy scores the decoder's output, so it sees the decoder's range, [−1, 1]
-(DESIGN §4.9). Positives must be mapped to the same range by the caller. A network whose weights
+(README, Design: data range). Positives must be mapped to the same range by the caller. A network whose weights
 expect [0, 1] images (the official VAEBM networks, imported by `scripts/import_official.py`) is built
 with `input_range="0..1"`: it still takes [−1, 1] and maps x → (x + 1)/2 before its first conv, an
 exact affine (folding it into the first conv would be wrong at the zero-padded borders).

@@ -18,7 +18,7 @@ binarization, the paper's "dynamic MNIST"); a binary input (±1) passes unchange
 test set gives a fixed likelihood target. Image outputs are [B, C, H, W] in [−1, 1], grey replicated:
 x_mean = 2·p − 1 with p the Bernoulli mean.
 
-Noise ↔ (z, x) map (DESIGN §2), at temperature t (which scales the prior σ's; a Bernoulli has no σ):
+Noise ↔ (z, x) map (README, Design), at temperature t (which scales the prior σ's; a Bernoulli has no σ):
     z2 = t·ε_z2 (standard) or z2 = μ_k + t·σ_k·ε_z2 with k picked by ε_k (vamp, `models/vampprior.py`)
     z1 = μ_p(z2) + t·σ_p(z2)·ε_z1
     x  = +1 where Φ(ε_x) < p(z), −1 elsewhere (channel 0 of ε_x; every channel of x is the same)

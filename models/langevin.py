@@ -1,7 +1,7 @@
 """The one Langevin sampler of the project, in the generator's noise space ε.
 
 It lives in `models/` (not `trainer/`) so the inference bundle (`models/bundle.py`) can sample without
-importing the trainer; `trainer/langevin.py` re-exports every public name, so both import paths work.
+importing the trainer.
 
 Every generator here is a deterministic map T(ε) of standard-normal noise, and every energy method
 puts an energy on (part of) T(ε). The model's density in ε-space is then (VAEBM paper, Eq. 9 and
@@ -14,7 +14,7 @@ summed over all noise tensors ε_i (latent groups, pixel noise). Each step (pape
     ε ← ε − (η/2) ∇_ε U(ε) + √η · ω,   ω ~ N(0, I),   the same η for every tensor.
 
 We follow the paper, not the official code: the official scripts differentiate E − log p(z) − log p(x|z),
-which adds Σ log σ terms (a missing Jacobian), clamps x to [−1, 1] and floors σ_x (facts §8). Here
+which adds Σ log σ terms (a missing Jacobian), clamps x to [−1, 1] and floors σ_x (see README, Design). Here
 `energy_fn` is the energy only; no log σ, no clamp.
 
 Gradients: we differentiate the batch SUM of U, so each chain follows its own ∇U_i and the step size does
@@ -43,7 +43,7 @@ import torch
 
 __all__ = [
     "EnergyFn", "NoiseSource", "BatchNoise", "PerChainNoise", "chain_seed", "LangevinResult", "langevin",
-    "energy_on_generator",
+    "seeded_chains", "energy_on_generator",
 ]
 
 EnergyFn = Callable[[list[torch.Tensor]], torch.Tensor]
@@ -234,6 +234,24 @@ def langevin(
         noise_norm=stacked(noise_norms),
         energy=stacked(energies),
     )
+
+
+def seeded_chains(energy_fn, start: int, count: int, *, seed: int, steps: int, step_size: float,
+                  device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Chains start … start+count−1 of a run seeded `seed`: (initial noise, noise after `steps` Langevin steps).
+
+    Chain i's initial and Langevin noise come from its own generator (`PerChainNoise`), so its trajectory
+    depends only on (seed, i), whatever the batch it runs in. `energy_fn` is an energy adapter
+    (`models/adapters.py`): its `chain_shapes` give the noise, and `adapter.images(...)` turns either result
+    into decoder means. With `steps` = 0 the two results are the same tensors (VAE samples).
+    """
+    chain_noise = PerChainNoise.for_indices(seed, start, count)
+    initial = chain_noise.initial(energy_fn.chain_shapes, device)
+    if steps == 0:
+        return initial, initial
+    with torch.enable_grad():  # callers often sample under no_grad; Langevin needs ∇E
+        chains = langevin(initial, energy_fn, steps, step_size, chain_noise)
+    return initial, chains.noise
 
 
 def energy_on_generator(

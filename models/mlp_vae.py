@@ -12,7 +12,7 @@ The decoder predicts a per-dimension σ_x, floored smoothly at exp(min_log_sigma
 log σ_x = m + softplus(raw − m), so the model can become as sharp as the 25-Gaussians need while
 log σ_x never drops below m (−7 → σ_x ≥ 9·10⁻⁴) and keeps a gradient everywhere.
 
-As a generator it is the deterministic map of standard-normal noise of DESIGN §2, at temperature t:
+As a generator it is the deterministic map of standard-normal noise of README, Design, at temperature t:
 z = t·ε_z, x = μ_x(z) + t·σ_x(z)·ε_x. The public API (`forward`, `decode`, `encode_noise`,
 `latents_to_noise`, `sample`, `latent_shapes`, `image_shape`, `spectral_loss`, `bn_loss`, …) has the
 names and semantics of `models.nvae.model.NVAE`, so the trainers use either model unchanged.

@@ -3,7 +3,7 @@
 The bundle's energy method (`models/adapters.py`) decides what Langevin moves: (ε_z, ε_x) for VAEBM,
 ε_z only for latent tilting and the joint latent prior (ε_x then stays as drawn).
 
-Sampling (`BundleSampler.sample_indices`; DESIGN §2, VAEBM App. E). Chain i's initial noise and
+Sampling (`BundleSampler.sample_indices`; README, Design; VAEBM App. E). Chain i's initial noise and
 Langevin noise come from its own generator seeded `chain_seed(seed, i)`, so image i depends only on
 (seed, i), whatever the batch size or number of processes (bit-exact on CPU in our tests; other
 backends may pick batch-size-dependent kernels).
@@ -251,7 +251,7 @@ class BundleSampler:
         """E_ψ(x) [N] (float, CPU) of images [N, C, H, W], uint8 or float in [0, 1] (the official VAEBM
         convention; `decoder_mean` output m maps there as (m + 1)/2). Toy bundles take points [N, D] as is.
 
-        The networks themselves take [−1, 1] (DESIGN §4.9), so images are mapped there first; an imported
+        The networks themselves take [−1, 1] (README, Design: data range), so images are mapped there first; an imported
         official network maps back to the [0, 1] its weights expect (`EnergyNetConfig.input_range`).
         """
         self._require_data_energy()

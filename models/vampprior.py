@@ -6,7 +6,7 @@ with K learnable pseudo-inputs u_k that live in the data space and go through th
 data. `VampPrior` holds the pseudo-inputs; the model that owns the encoder computes the components
 q(z | u_k) = N(μ_k, σ_k²) and hands them to the pure functions below.
 
-Noise ↔ latent map (DESIGN §2: every generator is a deterministic map of standard-normal noise). A draw
+Noise ↔ latent map (README, Design: every generator is a deterministic map of standard-normal noise). A draw
 from the mixture needs a component and a point of it, so a VampPrior latent has two noise tensors:
 
     k = ⌊Φ(ε_k)·K⌋  (ε_k [B, 1], Φ the normal CDF, so k is uniform on 0..K−1)

@@ -22,9 +22,8 @@ from trainer.errors import UserError, run_cli
 
 
 def nvae_config(name: str):
-    from trainer.cli import architecture_dict
-    from trainer.config import load_config
-    from trainer.sections import NVAETrainingConfig
+    from trainer.config.loader import load_config
+    from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 
     overrides = ["data.shards=unused"]
     return load_config(NVAETrainingConfig, "nvae", name, overrides, expand={"model": architecture_dict}).model
@@ -46,7 +45,7 @@ def bench_nvae_command(args) -> dict:
                 "peak_mem_mb_per_image_checkpointing": on["peak_mem_mb"] / args.batch_size,
                 "img_per_s": off["img_per_s"], "img_per_s_checkpointing": on["img_per_s"],
                 "memory_ratio": on["peak_mem_mb"] / off["peak_mem_mb"]}
-    from trainer.benchmark_nvae import bench_nvae
+    from trainer.bench.nvae import bench_nvae
 
     config = nvae_config(args.config)
     checkpointing = None if args.checkpointing is None else args.checkpointing == "on"
@@ -56,7 +55,7 @@ def bench_nvae_command(args) -> dict:
 
 
 def bench_data_command(args) -> dict:
-    from data.benchmark import bench_data
+    from trainer.bench.data import bench_data
 
     if not (Path(args.shards) / "index.json").is_file():
         raise UserError(f"--shards '{args.shards}' has no index.json")
@@ -70,8 +69,8 @@ def vaebm_parts(name: str, checkpointing: bool, device):
 
     from models.energy import build_energy
     from models.nvae import NVAE
-    from trainer.config import load_config
-    from trainer.vaebm_sections import VAEBMTrainingConfig
+    from trainer.config.ebm import VAEBMTrainingConfig
+    from trainer.config.loader import load_config
 
     cfg = load_config(VAEBMTrainingConfig, "vaebm", name, ["vae.path=unused", "data.shards=unused"])
     cfg.energy.gradient_checkpointing = checkpointing
@@ -87,7 +86,7 @@ def vaebm_parts(name: str, checkpointing: bool, device):
 def bench_langevin_command(args) -> dict:
     import torch
 
-    from trainer.benchmark_ebm import bench_langevin
+    from trainer.bench.ebm import bench_langevin
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, vae, energy = vaebm_parts(args.config, False, device)
@@ -101,7 +100,7 @@ def bench_langevin_command(args) -> dict:
 def bench_vaebm_step_command(args) -> dict:
     import torch
 
-    from trainer.benchmark_ebm import bench_vaebm_step
+    from trainer.bench.ebm import bench_vaebm_step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, vae, energy = vaebm_parts(args.config, args.checkpointing == "on", device)
@@ -110,7 +109,7 @@ def bench_vaebm_step_command(args) -> dict:
 
 
 def bench_sample_command(args) -> dict:
-    from trainer.benchmark_sample import bench_sample
+    from trainer.bench.sample import bench_sample
 
     if not Path(args.bundle).is_dir():
         raise UserError(f"--bundle '{args.bundle}' is not a bundle directory (make one with scripts/export.py)")

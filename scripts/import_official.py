@@ -46,11 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.kind == "nvae":
-        from trainer.official_import import import_nvae
+        from trainer.official.nvae import import_nvae
 
         import_nvae(args.checkpoint, args.out, log=log)
     else:
-        from trainer.official_ebm import import_ebm
+        from trainer.official.ebm import import_ebm
 
         import_ebm(args.checkpoint, args.vae, args.out, layout=args.layout, n_channel=args.n_channel,
                    input_range=args.input_range, step=args.step, log=log)

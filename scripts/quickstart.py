@@ -21,15 +21,15 @@ def main() -> None:
 
     import torch
 
-    from trainer.cli import architecture_dict
-    from trainer.config import load_config
-    from trainer.energy_adapters import VAEBMEnergy
-    from trainer.images import make_grid, save_png, to_uint8
-    from trainer.nvae_loop import train_nvae
-    from trainer.sections import NVAETrainingConfig
-    from trainer.vaebm_loop import before_after_langevin, load_trained_energy, train_vaebm
-    from trainer.vaebm_sections import VAEBMTrainingConfig
-    from trainer.vae_source import load_frozen_vae
+    from models.adapters import VAEBMEnergy
+    from models.langevin import seeded_chains
+    from trainer.config.ebm import VAEBMTrainingConfig
+    from trainer.config.loader import load_config
+    from trainer.config.nvae import NVAETrainingConfig, architecture_dict
+    from trainer.ebm.loop import train_vaebm
+    from trainer.ebm.sources import load_frozen_vae, load_trained_energy
+    from trainer.nvae.loop import train_nvae
+    from trainer.run.images import make_grid, save_png, to_uint8
 
     nvae_dir, vaebm_dir = args.out / "nvae", args.out / "vaebm"
     steps = lambda n: [f"train.max_steps={n}"] if n else []
@@ -43,8 +43,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae, _ = load_frozen_vae(nvae_dir, "ema", device)
     energy = load_trained_energy(vaebm_dir, device)
-    before, after = before_after_langevin(VAEBMEnergy(vae, energy), 16, vaebm_cfg.langevin.sample_steps,
-                                          vaebm_cfg.langevin.step_size, seed=0, device=device)
+    adapter = VAEBMEnergy(vae, energy)
+    initial, final = seeded_chains(adapter, 0, 16, seed=0, steps=vaebm_cfg.langevin.sample_steps,
+                                   step_size=vaebm_cfg.langevin.step_size, device=device)
+    with torch.no_grad():
+        before, after = adapter.images(initial), adapter.images(final)
     out = args.out / "samples_before_after_langevin.png"
     save_png(make_grid(to_uint8(torch.cat([before, after])), ncol=16), out)
     print(f"wrote {out} (top: NVAE samples; bottom: the same chains after "

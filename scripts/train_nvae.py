@@ -8,15 +8,15 @@ from trainer.errors import run_cli
 
 
 def main() -> None:
-    from trainer.cli import architecture_dict, training_parser
-    from trainer.config import load_config
-    from trainer.sections import NVAETrainingConfig
+    from trainer.cli import training_parser
+    from trainer.config.loader import load_config
+    from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 
     args = training_parser(__doc__.splitlines()[0]).parse_args()
     overrides = list(args.overrides) + ([f"data.shards={args.data}"] if args.data else [])
     cfg = load_config(NVAETrainingConfig, "nvae", args.config, overrides, expand={"model": architecture_dict})
 
-    from trainer.nvae_loop import train_nvae  # heavy imports only after the config is known to be valid
+    from trainer.nvae.loop import train_nvae  # heavy imports only after the config is known to be valid
 
     train_nvae(cfg, Path(args.run_dir))
 

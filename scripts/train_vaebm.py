@@ -12,8 +12,8 @@ from trainer.errors import run_cli
 
 def main() -> None:
     from trainer.cli import training_parser
-    from trainer.config import load_config
-    from trainer.vaebm_sections import VAEBMTrainingConfig
+    from trainer.config.ebm import VAEBMTrainingConfig
+    from trainer.config.loader import load_config
 
     parser = training_parser(__doc__.splitlines()[0])
     parser.add_argument("--vae", default=None, help="NVAE run directory or checkpoint (sets vae.path)")
@@ -23,7 +23,7 @@ def main() -> None:
         + ([f"vae.path={args.vae}"] if args.vae else [])
     cfg = load_config(VAEBMTrainingConfig, "vaebm", args.config, overrides)
 
-    from trainer.vaebm_loop import train_vaebm
+    from trainer.ebm.loop import train_vaebm
 
     train_vaebm(cfg, Path(args.run_dir), resume_from=args.resume_from)
 

@@ -20,8 +20,8 @@ from accelerate import Accelerator  # noqa: E402
 
 from models.layers import Conv2d  # noqa: E402
 from models.nvae.cells import BatchNorm2d, run_cell, set_batchnorm_sync  # noqa: E402
-from trainer.nvae_objective import balanced_kl  # noqa: E402
-from trainer.runtime import BatchRows, collective_rows, mean_across_processes, sliced_noise  # noqa: E402
+from trainer.nvae.objective import balanced_kl  # noqa: E402
+from trainer.run.collective import BatchRows, collective_rows, mean_across_processes, sliced_noise  # noqa: E402
 
 GLOBAL_BATCH = 8
 

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT
 from models.bundle import BundleError, load_bundle, save_bundle
 from models.energy import EnergyNetConfig, build_energy
 from models.nvae import NVAE, NVAEConfig

@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.checkpoint import (Checkpoint, CheckpointSaver, latest_checkpoint, list_checkpoints, read_torch,
-                                rng_state, set_rng_state)
 from trainer.errors import UserError
+from trainer.run.checkpoint import (
+    Checkpoint,
+    CheckpointSaver,
+    latest_checkpoint,
+    list_checkpoints,
+    read_torch,
+    rng_state,
+    set_rng_state,
+)
 
 
 def saver(run_dir, keep=2):
@@ -52,7 +59,7 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
     def explode(*args, **kwargs):
         raise Boom()
 
-    monkeypatch.setattr("trainer.checkpoint.save_file", explode)
+    monkeypatch.setattr("trainer.run.checkpoint.save_file", explode)
     with pytest.raises(Boom):
         s.save(2, shared={"model.safetensors": {"w": torch.zeros(1)}}, per_rank={})
     assert latest_checkpoint(tmp_path).name == "step-0000001"

@@ -5,10 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import architecture_dict
-from trainer.config import list_presets, load_config, parse_override, to_dict
+from trainer.config.loader import list_presets, load_config, parse_override, to_dict
+from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 from trainer.errors import UserError
-from trainer.sections import NVAETrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +76,7 @@ def test_unknown_preset_and_missing_file():
 def test_resolved_config_round_trips(tmp_path):
     cfg = load("celebahq256", "data.shards=/x")
     path = tmp_path / "cfg.yaml"
-    from trainer.config import save_config
+    from trainer.config.loader import save_config
 
     save_config(cfg, path)
     again = load_config(NVAETrainingConfig, "nvae", str(path), [])

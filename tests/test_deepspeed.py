@@ -8,10 +8,10 @@ itself as rank 0 of 1), so it is no faithful test; the multi-process equality te
 import importlib.metadata
 
 import torch
+from conftest import FAST, run_script
 from safetensors.torch import load_file
 
-from conftest import FAST, run_script
-from trainer.checkpoint import latest_checkpoint
+from trainer.run.checkpoint import latest_checkpoint
 
 ZERO2 = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "1",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -149,7 +149,7 @@ def test_mlp_energy():
 
 
 def test_gradient_checkpointing_same_energies_and_gradients_in_training_and_langevin():
-    from trainer.langevin import PerChainNoise, langevin
+    from models.langevin import PerChainNoise, langevin
 
     torch.manual_seed(0)
     plain = build_energy(EnergyNetConfig(layout="digits16", in_channels=3))

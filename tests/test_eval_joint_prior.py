@@ -4,8 +4,8 @@ import json
 import math
 
 import pytest
-
 from conftest import run_script
+
 from trainer.errors import UserError
 from trainer.evaluation import joint_prior
 

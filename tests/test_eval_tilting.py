@@ -5,12 +5,18 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_script
+
 from data.toy2d import Gaussians25, SwissRoll
 from models.mlp_vae import MLPVAE, MLPVAEConfig
-from trainer.evaluation.tilting_metrics import (distance_to_curve, modes_covered, prior_energies, roll_curve,
-                                                swiss_roll_log_prob, tilted_iwae)
+from trainer.evaluation.tilting_metrics import (
+    distance_to_curve,
+    modes_covered,
+    prior_energies,
+    roll_curve,
+    swiss_roll_log_prob,
+    tilted_iwae,
+)
 from trainer.evaluation.toy_metrics import log_integral_on_grid, log_partition_from_base_samples, square_grid
 
 

@@ -5,11 +5,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_script
+
 from data.toy2d import Gaussians25
-from trainer.evaluation.toy_metrics import (chunked, log_integral_on_grid, log_mean_exp, log_partition_from_base_samples,
-                                            mean_and_stderr, square_grid)
+from trainer.evaluation.toy_metrics import (
+    chunked,
+    log_integral_on_grid,
+    log_mean_exp,
+    log_partition_from_base_samples,
+    mean_and_stderr,
+    square_grid,
+)
 
 
 def test_default_mixture_has_the_papers_true_log_likelihood():

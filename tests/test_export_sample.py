@@ -9,18 +9,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, ROOT, run_script
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, run_script
 from models.bundle import load_bundle, save_bundle
-from models.sampler import to_uint8
 from models.energy import EnergyNetConfig, build_energy
 from models.langevin import PerChainNoise, chain_seed
 from models.mlp_vae import MLPVAE, MLPVAEConfig
-from trainer.checkpoint import latest_checkpoint
+from models.sampler import to_uint8
+from trainer.config.loader import PRESET_DIR, read_yaml
 from trainer.errors import UserError
-from trainer.config import PRESET_DIR, read_yaml
+from trainer.run.checkpoint import latest_checkpoint
 
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                  "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -212,7 +212,7 @@ def test_toy_bundle_writes_points(tmp_path):
 
 
 def test_bench_sample_reports_both_rates(bundle):
-    from trainer.benchmark_sample import bench_sample
+    from trainer.bench.sample import bench_sample
 
     result = bench_sample(bundle, n=2, batch_size=2, steps=1)
     assert result["kind"] == "vaebm" and result["steps"] == 1

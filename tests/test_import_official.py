@@ -12,17 +12,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import FAST, ROOT, run_script
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, run_script
 from models.bundle import load_bundle
 from models.energy import LAYOUTS, build_energy
 from models.nvae import ARCHITECTURES, NVAE
 from models.nvae.official import ours_only
-from trainer.checkpoint import Checkpoint, latest_checkpoint
 from trainer.errors import UserError, run_cli
-from trainer.official_ebm import adam_state, energy_config, find_layout, import_ebm, map_energy_state
-from trainer.official_import import map_nvae_state, nvae_config_from_args
+from trainer.official.ebm import adam_state, energy_config, find_layout, import_ebm, map_energy_state
+from trainer.official.nvae import map_nvae_state, nvae_config_from_args
+from trainer.run.checkpoint import Checkpoint, latest_checkpoint
 
 # Copies of shared/fixtures/official-format and shared/research/official-state-dicts.json, kept in the
 # repository so a fresh clone runs these tests (never skipped).
@@ -166,12 +166,12 @@ class _UntouchedStream:
 
 
 def test_imported_checkpoints_resume_on_any_number_of_processes(nvae_run, ebm_run):
-    from trainer.divergence import DivergenceDetector
-    from trainer.ema import EMA
-    from trainer.nvae_loop import restore as restore_nvae
-    from trainer.replay import ReplayBuffer
-    from trainer.runtime import process_seed
-    from trainer.vaebm_loop import restore as restore_vaebm
+    from trainer.ebm.loop import restore as restore_vaebm
+    from trainer.ebm.replay import ReplayBuffer
+    from trainer.nvae.loop import restore as restore_nvae
+    from trainer.run.divergence import DivergenceDetector
+    from trainer.run.ema import EMA
+    from trainer.run.launch import process_seed
 
     checkpoint = Checkpoint(latest_checkpoint(nvae_run))
     model = NVAE(nvae_config_from_args(vars(_official_nvae()["args"]), _official_nvae()["state_dict"]))

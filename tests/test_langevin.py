@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from trainer.benchmark_ebm import bench_langevin
-from trainer.langevin import BatchNoise, PerChainNoise, chain_seed, energy_on_generator, langevin
+from models.langevin import BatchNoise, PerChainNoise, chain_seed, energy_on_generator, langevin
+from trainer.bench.ebm import bench_langevin
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +51,7 @@ def test_zero_energy_leaves_standard_normal_invariant():
 def test_linear_gaussian_generator_matches_tilted_gaussian():
     """x = Aε + b, E(x) = ½(x−m)ᵀP(x−m): h(ε) ∝ exp(−E)N(0,I) is N(μ, Λ⁻¹), Λ = AᵀPA + I, μ = −Λ⁻¹AᵀP(b−m)."""
     g = torch.Generator().manual_seed(0)
-    d_eps, d_x = 3, 2
+    d_eps = 3
     A = torch.tensor([[1.0, 0.5, -0.3], [0.2, -0.8, 0.6]], dtype=torch.float64)
     b = torch.tensor([0.3, -0.2], dtype=torch.float64)
     m = torch.tensor([1.0, 0.5], dtype=torch.float64)

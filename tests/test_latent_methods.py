@@ -3,16 +3,16 @@ import json
 
 import pytest
 import torch
+from conftest import run_script
 from safetensors.torch import load_file
 
-from conftest import FAST, run_script
 from models.adapters import JointPriorEnergy, LatentTiltEnergy, VAEBMEnergy, build_adapter
 from models.energy import EnergyNetConfig, MLPEnergy, build_energy
 from models.langevin import BatchNoise, langevin
 from models.latent_energy import LatentEnergy
 from models.mlp_vae import MLPVAE, MLPVAEConfig
-from trainer.checkpoint import latest_checkpoint
-from trainer.vaebm_objective import ebm_loss
+from trainer.ebm.objective import ebm_loss
+from trainer.run.checkpoint import latest_checkpoint
 
 
 def small_vae() -> MLPVAE:
@@ -156,7 +156,7 @@ def test_method_and_energy_kind_must_fit(tmp_path, toy_vae):
 
 
 def test_finetune_surrogate_and_nvae_prior_log_prob():
-    from trainer.joint_finetune import finetune_loss
+    from trainer.ebm.finetune import finetune_loss
 
     loss, terms = finetune_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.5, 0.5]), torch.tensor([-1.0, 1.0]),
                                 torch.tensor([-4.0, -6.0]))
@@ -166,9 +166,8 @@ def test_finetune_surrogate_and_nvae_prior_log_prob():
 
 def test_nvae_prior_log_prob_is_the_change_of_variables(tmp_path):
     from models.registry import build_vae
-    from trainer.cli import architecture_dict
-    from trainer.config import load_config
-    from trainer.sections import NVAETrainingConfig
+    from trainer.config.loader import load_config
+    from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 
     cfg = load_config(NVAETrainingConfig, "nvae", "digits", [], expand={"model": architecture_dict}).model
     torch.manual_seed(0)

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from models.adapters import VAEBMEnergy
 from models.energy import MLPEnergy
 from models.mlp_vae import MLPVAE, MLPVAEConfig
-from trainer.energy_adapters import VAEBMEnergy
-from trainer.nvae_objective import kl_balance_alphas, nvae_loss
+from trainer.nvae.objective import kl_balance_alphas, nvae_loss
 
 
 def small_model(seed: int = 0, **overrides) -> MLPVAE:

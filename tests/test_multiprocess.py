@@ -11,11 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, ROOT, run_script
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, run_script
-from trainer.checkpoint import latest_checkpoint, read_torch
+from trainer.run.checkpoint import latest_checkpoint, read_torch
 
 # On a CPU-only machine `--multi_gpu` is what makes accelerate start one process per rank (torchrun);
 # the trainer then forms a gloo group.

@@ -8,11 +8,14 @@ import torch
 
 from models.nvae import NVAEConfig
 from models.nvae.model import NVAEOutput
-from trainer.benchmark_nvae import bench_nvae
-from trainer.nvae_objective import (
-    balanced_kl, kl_balance_alphas, kl_warmup_coeff, nvae_loss, spectral_coeff,
+from trainer.bench.nvae import bench_nvae
+from trainer.nvae.objective import (
+    balanced_kl,
+    kl_balance_alphas,
+    kl_warmup_coeff,
+    nvae_loss,
+    spectral_coeff,
 )
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: 2 threads thrash on a shared 2-core box
 

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import FAST, run_script
+
 from models import vampprior
 from models.adapters import build_adapter
 from models.energy import EnergyNetConfig, MLPEnergy, build_energy
@@ -19,9 +19,9 @@ from models.langevin import PerChainNoise, langevin
 from models.nvae import NVAE, NVAEConfig
 from models.nvae.bn_stats import GENERATIVE_PREFIXES
 from models.nvae.distributions import Normal
-from trainer.checkpoint import latest_checkpoint
-from trainer.nvae_objective import kl_balance_alphas, nvae_loss
-from trainer.replay import ReplayBuffer
+from trainer.ebm.replay import ReplayBuffer
+from trainer.nvae.objective import kl_balance_alphas, nvae_loss
+from trainer.run.checkpoint import latest_checkpoint
 
 # Tiny but complete (as tests/test_nvae_model.py): 2 scales × 2 groups, flows, SE, residual posterior.
 TINY = NVAEConfig(
@@ -104,10 +104,9 @@ def test_config_names_the_key_and_standard_prior_is_unchanged():
 
 
 def test_preset_resolves_to_an_nvae_with_the_vampprior():
-    from trainer.cli import architecture_dict
-    from trainer.config import load_config
+    from trainer.config.loader import load_config
+    from trainer.config.nvae import NVAETrainingConfig, architecture_dict
     from trainer.errors import UserError
-    from trainer.sections import NVAETrainingConfig
 
     cfg = load_config(NVAETrainingConfig, "nvae", "vamp-top-digits16", expand={"model": architecture_dict})
     assert isinstance(cfg.model, NVAEConfig)
@@ -281,8 +280,8 @@ def test_langevin_holds_the_component_and_moves_the_rest(method):
 
 def test_training_chains_and_bundle_sampler_keep_the_component():
     from models.sampler import BundleSampler
-    from trainer.runtime import BatchRows
-    from trainer.vaebm_loop import negative_samples
+    from trainer.ebm.loop import negative_samples
+    from trainer.run.collective import BatchRows
 
     model = tiny(pseudo_inputs=4).eval().requires_grad_(False)
     adapter = build_adapter("vaebm", model, MLPEnergy(3 * 16 * 16, hidden=8, depth=1).requires_grad_(False))
@@ -314,8 +313,8 @@ def test_training_chains_and_bundle_sampler_keep_the_component():
 
 def test_train_resume_and_export(tmp_path, cache_dir):
     import models
-    from trainer.checkpoint import Checkpoint
     from trainer.export import export_run
+    from trainer.run.checkpoint import Checkpoint
 
     run_dir = tmp_path / "run"
     common = ["--config", "vamp-top-digits16", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}", *FAST,

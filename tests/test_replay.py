@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.replay import ReplayBuffer, replay_probability
+from trainer.ebm.replay import ReplayBuffer, replay_probability
 
 SHAPES = [(2, 2, 2), (3,)]  # two latent groups per sample
 

@@ -9,6 +9,7 @@ import importlib.util
 import json
 
 from conftest import ROOT, run_script
+
 from trainer.evaluation.ood import OOD_SETS
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT
+from safetensors.torch import load_file
 
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
 SMALL = ["train.per_device_batch_size=8", "train.global_batch_size=8", "data.num_workers=1",
@@ -256,8 +255,8 @@ def test_accelerate_config_files_load():
 
 
 def test_sweep_example_lines_are_valid_overrides():
-    from trainer.config import load_config
-    from trainer.vaebm_sections import VAEBMTrainingConfig
+    from trainer.config.ebm import VAEBMTrainingConfig
+    from trainer.config.loader import load_config
 
     lines = [l for l in (ROOT / "slurm" / "sweep_example.txt").read_text().splitlines()
              if l.strip() and not l.lstrip().startswith("#")]

@@ -2,10 +2,10 @@
 import json
 
 import torch
+from conftest import FAST, run_script
 from safetensors.torch import load_file
 
-from conftest import FAST, run_script
-from trainer.checkpoint import latest_checkpoint, read_torch
+from trainer.run.checkpoint import latest_checkpoint, read_torch
 
 ACCELERATE = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]

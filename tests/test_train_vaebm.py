@@ -4,12 +4,12 @@ import sys
 
 import pytest
 import torch
+from conftest import FAST, run_script
 from safetensors.torch import load_file
 
-from conftest import FAST, ROOT, run_script
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_torch
-from trainer.divergence import DivergenceDetector
-from trainer.vaebm_objective import clip_to_adam_rms, ebm_loss
+from trainer.ebm.objective import clip_to_adam_rms, ebm_loss
+from trainer.run.checkpoint import latest_checkpoint, list_checkpoints, read_torch
+from trainer.run.divergence import DivergenceDetector
 
 TINY = ["langevin.steps=2", "langevin.sample_steps=2", "replay.anneal_steps=2", "train.image_every=0"]
 

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import run_script
 
-from conftest import ROOT, run_script
 from models import vampprior
 from models.hvae import HVAE, HVAEConfig
-from trainer.checkpoint import latest_checkpoint
+from trainer.run.checkpoint import latest_checkpoint
 
 TINY = dict(hidden=24, latent_dim=3, pseudo_inputs=5)
 # Script overrides for a tiny, fast training run of the preset.
@@ -84,7 +84,7 @@ def test_noise_round_trips(prior):
     eps = [torch.randn(16, *shape, generator=generator) for shape in [*model.latent_shapes, model.image_shape]]
     with torch.no_grad():
         generation = model.decode(eps[:-1], eps[-1], temperature=0.8)
-        if prior == "standard":  # the exact map of DESIGN §2: z2 = t·ε_z2, z1 = μ(z2) + t·σ(z2)·ε_z1
+        if prior == "standard":  # the exact map of README, Design: z2 = t·ε_z2, z1 = μ(z2) + t·σ(z2)·ε_z1
             mu1, sigma1 = model.p_z1(generation.z[0])
             assert torch.allclose(generation.z[0], 0.8 * eps[0])
             assert torch.allclose(generation.z[1], mu1 + 0.8 * sigma1 * eps[1], atol=1e-6)
@@ -198,8 +198,8 @@ def test_train_resume_export_and_sample(tmp_path, cache_dir):
     assert all(math.isfinite(r["nelbo"]) and r["kl"] != 0 for r in rows)
     # pseudo_init=data: with a negligible learning rate the pseudo-inputs are still training images.
     from data.bundled import load_digits_split
-    from trainer.checkpoint import Checkpoint
     from trainer.export import export_run
+    from trainer.run.checkpoint import Checkpoint
 
     state = Checkpoint(latest_checkpoint(run_dir)).tensors("ema.safetensors")
     pseudo = torch.sigmoid(state["vamp.raw"])  # [6, 64]
@@ -236,8 +236,8 @@ def test_evaluate_vampprior_end_to_end(tmp_path, cache_dir):
 def test_hvae_vampprior_langevin_holds_the_component(method):
     """Latent-space Langevin on a VampPrior HVAE moves ε_z2, ε_z1 and keeps each chain's component ε_k."""
     from models.adapters import build_adapter
-    from models.langevin import PerChainNoise, langevin
     from models.energy import EnergyNetConfig, build_energy
+    from models.langevin import PerChainNoise, langevin
 
     model = tiny_model(levels=2, prior="vamp").requires_grad_(False)
     if method == "joint-prior":

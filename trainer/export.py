@@ -5,7 +5,7 @@
 Steps: find the checkpoint (newest, or `step`) → read the networks' configs and weights → for a VAEBM
 run, load the VAE the run was configured with (`vae.path` of its resolved config; the checkpoint it
 resolves to is recorded) → readjust the NVAE's generative-path BN statistics at every requested
-temperature (`NVAE.temperature_statistics`, 500 passes of batch 16 by default, facts §6) → write the
+temperature (`NVAE.temperature_statistics`, 500 passes of batch 16 by default, as the official NVAE sampler) → write the
 bundle atomically.
 
 Weights are read through `read_state_dict`, the one place that knows how a checkpoint stores a
@@ -23,12 +23,12 @@ import torch
 from models.bundle import BundleError, save_bundle
 from models.energy import build_energy
 from models.registry import build_vae
-from trainer.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
-from trainer.config import from_dict, read_yaml
+from trainer.config.ebm import VAEBMTrainingConfig
+from trainer.config.loader import from_dict, read_yaml
+from trainer.config.nvae import NVAETrainingConfig
+from trainer.ebm.sources import resolve_vae_checkpoint
 from trainer.errors import UserError
-from trainer.sections import NVAETrainingConfig
-from trainer.vae_source import resolve_vae_checkpoint
-from trainer.vaebm_sections import VAEBMTrainingConfig
+from trainer.run.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
 
 DEFAULT_TEMPERATURES = (0.6, 0.7, 0.8, 1.0)
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}

@@ -1,4 +1,4 @@
-"""NVAE: the hierarchical VAE whose generative path VAEBM refines (facts §1–§4, DESIGN §2).
+"""NVAE: the hierarchical VAE whose generative path VAEBM refines (README, Design).
 
     from models.nvae import NVAE, get_architecture
     model = NVAE(get_architecture("celeba64"))

@@ -2,8 +2,8 @@
 
 At temperature t < 1 the decoder sees activations with a different spread than the posterior
 samples it was trained on, so NVAE re-estimates the BN running statistics of the generative path
-by sampling at t in train mode (facts §6: 500 passes of batch 16, momentum 0.05, under no_grad;
-encoder statistics untouched). DESIGN §4.8: the re-adjusted statistics are cached per temperature
+by sampling at t in train mode (as the official sampler: 500 passes of batch 16, momentum 0.05, under no_grad;
+encoder statistics untouched). README, Inference bundles: the re-adjusted statistics are cached per temperature
 and travel in checkpoints and bundles, so sampling never repeats the 500 passes.
 
 The cache is exported as a flat dict of tensors, `t0.70/<module path>.running_mean`, which
@@ -48,7 +48,7 @@ class BNStatisticsMixin:
     def readjust_bn(
         self, temperature: float, passes: int = 500, batch_size: int = 16, generator: torch.Generator | None = None
     ) -> None:
-        """Re-estimate the generative-path BN running statistics at `temperature` (facts §6).
+        """Re-estimate the generative-path BN running statistics at `temperature`.
 
         The whole model goes to eval mode, the generative-path BN layers to train mode, `sample`
         runs `passes` times under no_grad, and the model ends in eval mode.

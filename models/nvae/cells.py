@@ -1,4 +1,4 @@
-"""NVAE residual cells (res_mbconv architecture instance, facts §1.3–1.5, §1.7, §1.9).
+"""NVAE residual cells (the official code's res_mbconv architecture instance).
 
 A cell is `skip(x) + 0.1 · SE(branch(x))`: the residual branch is damped by a fixed 0.1.
 
@@ -227,7 +227,7 @@ class _ResidualCell(nn.Module):
 
 
 class EncoderCell(_ResidualCell):
-    """res_bnswish × 2: BN → Swish → conv3×3 (stride s) → BN → Swish → conv3×3 → SE (facts §1.4).
+    """res_bnswish × 2: BN → Swish → conv3×3 (stride s) → BN → Swish → conv3×3 → SE.
 
     [B, C_in, H, W] → [B, C_out, H/s, W/s]; s = 2 doubles the channels in the encoder.
     """
@@ -251,7 +251,7 @@ class EncoderCell(_ResidualCell):
 
 
 class MBConvCell(_ResidualCell):
-    """Inverted residual (mconv_e{6,3}k5g0, facts §1.5):
+    """Inverted residual (mconv_e{6,3}k5g0):
 
     [nearest ×2] → BN → 1×1 conv (C_in → hidden) → BN → Swish → depthwise 5×5 → BN → Swish →
     1×1 conv (hidden → C_out) → BN → SE. hidden = C_in·expansion, from the pre-up-sampling C_in.

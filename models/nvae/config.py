@@ -1,6 +1,6 @@
 """NVAE architecture configuration and the registry of named architectures.
 
-`NVAEConfig` describes one NVAE (facts §1, §5). The field names follow the official command-line
+`NVAEConfig` describes one NVAE. The field names follow the official command-line
 flags loosely (`--num_channels_enc` → `channels_enc`, `--num_nf` → `num_flows`, ...). The defaults
 are the `nvae-bench-small` architecture. `ARCHITECTURES` maps a preset name to its config; the
 trainer's config layer looks names up here (`model: celebahq256` in a preset).
@@ -28,7 +28,7 @@ class NVAEConfig:
     channels_dec: int = 32  # decoder channels at full resolution (doubled at every down-sampling)
     num_latent_scales: int = 2  # number of latent resolutions
     groups_per_scale: int = 4  # latent groups per scale (at the highest-resolution scale with ada_groups)
-    ada_groups: bool = False  # halve the group count at every lower-resolution scale (facts §1.8)
+    ada_groups: bool = False  # halve the group count at every lower-resolution scale (official --ada_groups)
     min_groups_per_scale: int = 1  # floor for the halving of ada_groups
     latents_per_group: int = 20  # channels of each latent group z_l
     cells_per_cond_enc: int = 2  # encoder residual cells per latent group
@@ -38,9 +38,9 @@ class NVAEConfig:
     postprocess_blocks: int = 1  # decoder output blocks, each starting with a ×2 up-sampling cell
     postprocess_cells: int = 2  # cells per postprocess block (the first one up-samples)
     use_se: bool = True  # squeeze-and-excitation at the end of every residual cell
-    residual_posterior: bool = True  # q(z_l) = N(μ_p + Δμ, log σ_p + Δlog σ) (facts §2, --res_dist)
+    residual_posterior: bool = True  # q(z_l) = N(μ_p + Δμ, log σ_p + Δlog σ) (official --res_dist)
     num_flows: int = 0  # paired autoregressive flow cells per latent group, posterior path only
-    num_x_bits: int = 8  # input bit depth; < 8 quantizes the input inside forward (facts §3.3)
+    num_x_bits: int = 8  # input bit depth; < 8 quantizes the input inside forward (official --num_x_bits)
     decoder: str = "gaussian"  # output distribution p(x|z); only the Gaussian of VAEBM is built
     bn_momentum: float = 0.05  # BatchNorm running-statistics momentum (official value)
     bn_eps: float = 1e-5  # BatchNorm epsilon
@@ -54,7 +54,7 @@ class NVAEConfig:
     # Derived quantities.
 
     def groups_per_scale_encoder_order(self) -> list[int]:
-        """Groups per latent scale, highest resolution first (facts §1.8)."""
+        """Groups per latent scale, highest resolution first."""
         if not self.ada_groups:
             return [self.groups_per_scale] * self.num_latent_scales
         counts = [self.groups_per_scale]
@@ -124,7 +124,7 @@ class NVAEConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Named architectures. The four paper presets are the VAEBM NVAE backbones (facts §5.1): res_mbconv
+# Named architectures. The four paper presets are the VAEBM NVAE backbones: res_mbconv
 # cells, SE, residual posterior, 1 pre- and 1 post-process block of 2 cells, 2 cells per
 # conditional, 20 latents per group, Gaussian decoder.
 
@@ -145,7 +145,7 @@ ARCHITECTURES: dict[str, NVAEConfig] = {
         preprocess_blocks=2, preprocess_cells=1, postprocess_blocks=2, postprocess_cells=1,
         use_se=True, residual_posterior=True, num_flows=0,
     ),
-    # The benchmark architecture of DESIGN §6 (also the NVAEConfig defaults).
+    # The benchmark architecture of README, Benchmarks (also the NVAEConfig defaults).
     "nvae-bench-small": NVAEConfig(
         image_size=32, in_channels=3, channels_enc=32, channels_dec=32, num_latent_scales=2,
         groups_per_scale=4, num_flows=0, **_PAPER,

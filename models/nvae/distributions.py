@@ -1,4 +1,4 @@
-"""The diagonal Normal used for every NVAE latent group and for the Gaussian decoder (facts §2, §3.2).
+"""The diagonal Normal used for every NVAE latent group and for the Gaussian decoder.
 
 Raw network outputs (μ, log σ) are soft-clamped to (−5, 5) with 5·tanh(·/5), and
 σ = exp(log σ) + 0.01, so σ lies in about [0.0167, 148.4]. The +0.01 keeps σ away from 0: the

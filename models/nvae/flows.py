@@ -1,4 +1,4 @@
-"""Posterior normalizing flows: paired volume-preserving autoregressive shift cells (facts §2).
+"""Posterior normalizing flows: paired volume-preserving autoregressive shift cells (NVAE §3.2).
 
 Each `AutoregressiveShift` cell maps z ← z − μ(z), where μ at (channel c, pixel p) depends only on
 pixels before p in raster order (all channels) and on channels < c at p itself. The Jacobian is
@@ -79,7 +79,7 @@ class MaskedConv2d(Conv2d):
 
 
 class AutoregressiveShift(nn.Module):
-    """z ← z − μ(z), μ from a masked inverted residual (facts §2):
+    """z ← z − μ(z), μ from a masked inverted residual:
     masked 3×3 (L → 6L, zero diagonal) → ELU → masked depthwise 5×5 → ELU → ELU → masked 1×1 → μ.
 
     The doubled ELU before the μ conv mirrors the official layer order (the inverted residual ends

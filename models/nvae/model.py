@@ -1,6 +1,6 @@
 """NVAE: a deep hierarchical VAE (Vahdat & Kautz 2020) with the Gaussian decoder of VAEBM.
 
-Data flow (facts §1.7–1.9, §2), for x in [−1, 1] (DESIGN §4.9):
+Data flow (as in the official NVAE code), for x in [−1, 1] (README, Design: data range):
 
     encoder (bottom-up)   x → stem → preprocess (½) → groups of cells, scale by scale (½ between
                           scales) → enc0; each group's output is kept for the posterior below.
@@ -12,7 +12,7 @@ Data flow (facts §1.7–1.9, §2), for x in [−1, 1] (DESIGN §4.9):
                             state ← combiner(concat(state, z_l))
                           → postprocess (×2) → ELU → conv3×3 → (μ_x, log σ_x).
 
-The generative path is a deterministic map of standard-normal noise (DESIGN §2):
+The generative path is a deterministic map of standard-normal noise (README, Design):
 z_0 = t·1.01·ε_0, z_l = μ_p,l + t·σ_p,l·ε_l, x = μ_x + t·σ_x·ε_x. `decode` computes it and
 `encode_noise` inverts it along a posterior sample.
 
@@ -40,17 +40,22 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from models import vampprior
 from models.layers import Conv2d
 from models.nvae.bn_stats import BNStatisticsMixin
 from models.nvae.cells import (
-    DecoderCombiner, ELUConv, EncoderCell, EncoderCombiner, MBConvCell, run_cell,
+    DecoderCombiner,
+    ELUConv,
+    EncoderCell,
+    EncoderCombiner,
+    MBConvCell,
+    run_cell,
 )
 from models.nvae.config import NVAEConfig
 from models.nvae.distributions import Normal
 from models.nvae.flows import PairedFlow
 from models.nvae.vamp_top import VampTopMixin
 from models.spectral import SpectralRegularizer, collect_convs
-from models import vampprior
 from models.vampprior import VampPrior
 
 DECODER_EXPANSION = 6  # mconv_e6k5g0 in the decoder tower
@@ -201,7 +206,7 @@ class NVAE(BNStatisticsMixin, VampTopMixin, nn.Module):
     # Building blocks of the passes.
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Reduce [−1, 1] input to num_x_bits (facts §3.3 pre_process, in [−1, 1] units).
+        """Reduce [−1, 1] input to num_x_bits (the official code's pre-processing, in [−1, 1] units).
 
         The input is first rounded to its 8-bit level, so float error in (x+1)/2·255 cannot drop
         a pixel into the bin below.
@@ -339,7 +344,7 @@ class NVAE(BNStatisticsMixin, VampTopMixin, nn.Module):
     ) -> Generation:
         """ε → (z, x): z_0 = t·1.01·ε_0, z_l = μ_p,l + t·σ_p,l·ε_l, x = μ_x + t·σ_x·ε_x.
 
-        Temperature scales every prior σ and the decoder σ (DESIGN §4.7; the official Gaussian
+        Temperature scales every prior σ and the decoder σ (README, Design: temperature; the official Gaussian
         decoder ignores it). Differentiable in the ε's. eps_z: one tensor per `latent_shapes` entry,
         L × [B, latents, h, w] (VampPrior: then ε_k [B, 1], and z_0 = μ_k + t·σ_k·ε_0; differentiable in
         ε_0, not in ε_k, which must not require gradients).
@@ -464,7 +469,7 @@ class NVAE(BNStatisticsMixin, VampTopMixin, nn.Module):
         return self.decode(eps_z, eps_x, temperature)
 
     # ------------------------------------------------------------------------------------------
-    # Regularizers (facts §4.4).
+    # Regularizers (NVAE's spectral and BN penalties).
 
     def spectral_loss(self) -> torch.Tensor:
         """Σ over every conv of the largest singular value of its reshaped kernel (differentiable)."""

@@ -27,8 +27,8 @@ def run(args, report) -> dict:
     import torch
 
     from data.bundled import load_digits_split
-    from trainer.evaluation.frechet import frechet_distance
     from trainer.evaluation.train_models import sampler_for
+    from trainer.metrics.frechet import frechet_distance
 
     settings = common.resolve(args, report, QUICK, FULL)
     judge = common.classifier(settings, args.seed, report)

@@ -18,10 +18,18 @@ from pathlib import Path
 
 import torch
 
-from trainer.evaluation.inception import (DEFAULT_WEIGHTS, FID_HELPER_DEFAULT_1_SHA1, convert_torchscript,
-                                          extract_features, file_digest, load_extractor, load_torchscript,
-                                          save_weights, torchscript_path)
+from models.files import file_digest
+from trainer.config.common import DEFAULT_FID_WEIGHTS
 from trainer.errors import UserError
+from trainer.metrics.inception import (
+    FID_HELPER_DEFAULT_1_SHA1,
+    convert_torchscript,
+    extract_features,
+    load_extractor,
+    load_torchscript,
+    save_weights,
+    torchscript_path,
+)
 
 CHECK_IMAGES = 2          # random images in the built-in check (Inception on CPU: about 0.3 s each)
 CHECK_TOLERANCE = 1e-3    # max |Δ feature|; features are O(1), float32 reordering gives about 1e-6
@@ -52,7 +60,7 @@ def max_feature_difference(net, weights: Path, count: int = CHECK_IMAGES, seed: 
 
 
 def run(args: argparse.Namespace, report) -> dict:
-    out = Path(args.out or DEFAULT_WEIGHTS).expanduser()
+    out = Path(args.out or DEFAULT_FID_WEIGHTS).expanduser()
     report.out = None  # --out names the weights file here: the JSON result must not overwrite it
     source = args.torchscript.expanduser() if args.torchscript is not None else torchscript_path()
     if not source.is_file():

@@ -209,8 +209,8 @@ def fd_part(ctx: Context, *, prefix: str, size: int, joint_runs: dict[int, Path]
     joint_runs: K → run (ablation train: one per K; sample: only the preset's); main_steps: the preset's K,
     the one of `joint_fd`. The base samples are the K = 0 chains of the preset's bundle.
     """
-    from trainer.evaluation.frechet import frechet_distance
     from trainer.evaluation.train_models import sampler_for
+    from trainer.metrics.frechet import frechet_distance
 
     judge = ctx.classifier(size)
     held_out, training = digit_sets(size, binary, ctx.args.seed)

@@ -257,8 +257,8 @@ def digits_experiment(settings: Settings, seed: int, models_dir: Path, report) -
     """NVAE vs tilted NVAE on 16×16 digits: digit-feature Fréchet distance to the held-out digits."""
     from data.bundled import load_digits_split
     from trainer.evaluation.digit_classifier import load_or_train_classifier
-    from trainer.evaluation.frechet import frechet_distance
     from trainer.evaluation.train_models import sampler_for
+    from trainer.metrics.frechet import frechet_distance
 
     nvae_run, tilt_run, results = train_digit_models(settings, seed, models_dir, report)
     trained = time.perf_counter()

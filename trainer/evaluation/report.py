@@ -9,9 +9,7 @@ Without --run-dir, intermediate trainings go to a temporary folder that is remov
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from models.files import atomic_write_json
 
 
 class ExperimentReport:
@@ -60,7 +60,7 @@ class ExperimentReport:
         """Save a grid of images [N, C, H, W] (in `value_range`) as run_dir/<tag>.png and to TensorBoard."""
         if not self.keep_files:
             return None
-        from trainer.images import make_grid, save_png, to_uint8
+        from trainer.run.images import make_grid, save_png, to_uint8
 
         low, high = value_range
         scaled = (images.detach().float().cpu() - low) / (high - low) * 2 - 1  # to_uint8 expects [-1, 1]
@@ -108,12 +108,22 @@ def density_image(points: torch.Tensor, extent: float, size: int) -> torch.Tenso
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file beside `path`, then rename: never a half-written result."""
+    """Write the results as strict JSON, atomically: never a half-written result. A non-finite number (an
+    estimate that failed) is written as null, which the tables show as "–"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, _finite_or_null(payload), indent=2, sort_keys=False)
+
+
+def _finite_or_null(value):
+    """`value` with every non-finite float replaced by None, recursively through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def format_table(results: dict) -> str:

@@ -31,9 +31,16 @@ import torch
 
 from data.stream import derive_seed
 from data.toy2d import Gaussians25
+from models.adapters import VAEBMEnergy
+from models.langevin import seeded_chains
 from trainer.errors import UserError
-from trainer.evaluation.toy_metrics import (chunked, log_integral_on_grid, log_partition_from_base_samples,
-                                            mean_and_stderr, square_grid)
+from trainer.evaluation.toy_metrics import (
+    chunked,
+    log_integral_on_grid,
+    log_partition_from_base_samples,
+    mean_and_stderr,
+    square_grid,
+)
 
 PAPER = {"paper_vae_ll": -2.97, "paper_vaebm_ll": -1.50, "paper_true_ll": -1.10}
 PLOT_EXTENT = 3.0  # the density images show [−3, 3]²: the modes sit at −2 … 2
@@ -95,8 +102,7 @@ def run(args: argparse.Namespace, report) -> dict:
     vae_dir, ebm_dir, timings = train_models(report, args.seed, settings, args.vae_override, args.ebm_override)
     results.update(timings)
 
-    from trainer.vae_source import load_frozen_vae
-    from trainer.vaebm_loop import load_trained_energy
+    from trainer.ebm.sources import load_frozen_vae, load_trained_energy
 
     vae, _ = load_frozen_vae(vae_dir, "ema", "cpu")
     energy = load_trained_energy(ebm_dir, "cpu")
@@ -204,7 +210,7 @@ def grid_cross_check(vae, energy, settings: Settings, generator, vae_points, vae
 def sample_figures(truth, vae, energy, vae_points, vae_energies, ebm_dir: Path, settings: Settings, args,
                    generator, report) -> dict:
     """Samples of the truth, the VAE and VAEBM (Langevin, and exact resampling); their share near a mode."""
-    from trainer.config import read_yaml
+    from trainer.config.loader import read_yaml
 
     n = settings.plot_points
     langevin_cfg = read_yaml(ebm_dir / "config.yaml")["langevin"]
@@ -213,7 +219,8 @@ def sample_figures(truth, vae, energy, vae_points, vae_energies, ebm_dir: Path, 
     samples = {
         "true": truth.sample(n, generator),
         "vae": vae_points[:n],
-        "vaebm_langevin": vaebm_langevin_samples(vae, energy, n, steps, langevin_cfg["step_size"], generator),
+        "vaebm_langevin": vaebm_langevin_samples(vae, energy, n, steps, langevin_cfg["step_size"],
+                                                 derive_seed(args.seed, "toy-langevin")),
         # Sampling-importance-resampling from the VAE with weights exp(−E): draws from the trained VAEBM density.
         "vaebm_resampled": vae_points[torch.multinomial(torch.softmax(-vae_energies.double(), 0), n, True, generator=generator)],
     }
@@ -229,19 +236,16 @@ def sample_figures(truth, vae, energy, vae_points, vae_energies, ebm_dir: Path, 
     return results
 
 
-def vaebm_langevin_samples(vae, energy, n: int, steps: int, step_size: float, generator: torch.Generator,
+def vaebm_langevin_samples(vae, energy, n: int, steps: int, step_size: float, seed: int,
                            block: int = 4_096) -> torch.Tensor:
-    """VAEBM samples [n, 2]: chains from VAE noise, `steps` Langevin steps in ε-space, decoder samples."""
-    from trainer.energy_adapters import VAEBMEnergy
-    from trainer.langevin import BatchNoise, langevin
-
+    """VAEBM samples [n, 2]: chains from VAE noise, `steps` Langevin steps in ε-space, decoder samples.
+    Chain i depends only on (seed, i)."""
     adapter = VAEBMEnergy(vae, energy, temperature=1.0)
     out = []
     for start in range(0, n, block):
-        noise = adapter.initial_noise(min(block, n - start), generator, "cpu")
-        chains = langevin(noise, adapter, steps, step_size, BatchNoise(generator))
+        _, final = seeded_chains(adapter, start, min(block, n - start), seed=seed, steps=steps, step_size=step_size)
         with torch.no_grad():
-            out.append(adapter.negatives(chains.noise, use_mean=False))
+            out.append(adapter.negatives(final, use_mean=False))
     return torch.cat(out)
 
 

@@ -7,8 +7,8 @@
     vaebm_images = sampler.sample(1000, seed=0)          # the same chains after Langevin
 
 Configs are built exactly as `scripts/train_nvae.py` / `scripts/train_vaebm.py` build them (preset
-name or YAML path + dotted overrides, validated), and trained by `trainer.nvae_loop.train_nvae` /
-`trainer.vaebm_loop.train_vaebm`. A run lives in `models_dir/<kind>-<preset>-<hash>`, the hash taken
+name or YAML path + dotted overrides, validated), and trained by `trainer.nvae.loop.train_nvae` /
+`trainer.ebm.loop.train_vaebm`. A run lives in `models_dir/<kind>-<preset>-<hash>`, the hash taken
 over the resolved config (for VAEBM it includes the VAE run's path, itself hashed): asking again for
 the same model finds the finished run, which the trainer resumes and stops at once, so experiments
 given the same models folder share their trainings, and any changed setting trains a new run.
@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Callable, Sequence
 
-from trainer.config import load_config, to_dict
+from trainer.config.loader import load_config, to_dict
 from trainer.errors import UserError
 
 Log = Callable[[str], None]
@@ -46,22 +46,21 @@ def _run_dir(kind: str, preset: str, cfg, models_dir: Path) -> Path:
 
 def nvae_config(preset: str, overrides: Sequence[str] = ()):
     """The validated NVAETrainingConfig of a preset (name or YAML path) plus dotted overrides."""
-    from trainer.cli import architecture_dict
-    from trainer.sections import NVAETrainingConfig
+    from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 
     return load_config(NVAETrainingConfig, "nvae", preset, [*_QUIET, *overrides], expand={"model": architecture_dict})
 
 
 def vaebm_config(preset: str, vae_run: Path, overrides: Sequence[str] = ()):
     """The validated VAEBMTrainingConfig of a preset plus overrides, on the NVAE run `vae_run`."""
-    from trainer.vaebm_sections import VAEBMTrainingConfig
+    from trainer.config.ebm import VAEBMTrainingConfig
 
     return load_config(VAEBMTrainingConfig, "vaebm", preset, [*_QUIET, *overrides, f"vae.path={Path(vae_run).resolve()}"])
 
 
 def train_nvae_run(preset: str, overrides: Sequence[str], models_dir: Path, log: Log = print) -> Path:
     """Train (or find finished) the NVAE of `preset` + `overrides` under `models_dir`; returns its run directory."""
-    from trainer.nvae_loop import train_nvae
+    from trainer.nvae.loop import train_nvae
 
     cfg = nvae_config(preset, overrides)
     run_dir = _run_dir("nvae", preset, cfg, models_dir)
@@ -76,7 +75,7 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     A run that diverges is an error (UserError naming the run): an experiment never reports numbers
     of a diverged energy. Its log says at which step and why; lower `optim.lr` or the step count.
     """
-    from trainer.vaebm_loop import train_vaebm
+    from trainer.ebm.loop import train_vaebm
 
     cfg = vaebm_config(preset, vae_run, overrides)
     run_dir = _run_dir("vaebm", preset, cfg, models_dir)

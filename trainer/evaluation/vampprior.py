@@ -107,8 +107,8 @@ def score(model, x: torch.Tensor, settings: Settings, seed: int) -> dict[str, fl
 
 
 def run(args: argparse.Namespace, report) -> dict:
+    from trainer.ebm.sources import load_frozen_vae
     from trainer.evaluation.train_models import nvae_config, train_nvae_run
-    from trainer.vae_source import load_frozen_vae
 
     settings = resolve_settings(args)
     models_dir = report.work_dir("models")

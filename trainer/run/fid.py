@@ -2,7 +2,7 @@
 samples, the shares are gathered, and the main process scores them and logs `eval/fid`, `eval/kid`.
 
 The main process alone holds the Inception extractor and the reference statistics (built on first use and
-cached per shard set, see trainer/evaluation/fid.py). Sample i depends only on (seed, i), so the images, and
+cached per shard set, see trainer/metrics/fid.py). Sample i depends only on (seed, i), so the images, and
 hence the scores, do not depend on the number of processes.
 """
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
+from models.langevin import seeded_chains
 from models.sampler import to_uint8
-from trainer.runtime import collective_rows
+from trainer.run.collective import collective_rows
 
 
 class TrainingFid:
@@ -21,7 +22,7 @@ class TrainingFid:
         self.cfg, self.accelerator = eval_cfg, accelerator
         self.evaluator = None
         if accelerator.is_main_process:
-            from trainer.evaluation.fid import FidEvaluator
+            from trainer.metrics.fid import FidEvaluator
 
             self.evaluator = FidEvaluator(eval_cfg.fid_ref or reference, eval_cfg.fid_weights, accelerator.device,
                                           eval_cfg.fid_batch_size, cache_dir=cache_dir,
@@ -49,10 +50,21 @@ class TrainingFid:
         return {"eval/fid": float(scores["fid"]), "eval/kid": float(scores["kid"])}
 
 
+def chain_sample_fn(adapter, steps: int, step_size: float, seed: int, device) -> Callable[[int, int], torch.Tensor]:
+    """`sample_fn(start, count)` for `TrainingFid.evaluate`: decoder means [count, C, H, W] of chains start …
+    start+count−1 after `steps` Langevin steps on the energy `adapter` (0: VAE samples, for which any adapter
+    over the VAE serves, e.g. `NoiseEnergy(vae, None)`). Chain i depends only on (seed, i)."""
+    def sample(start: int, count: int) -> torch.Tensor:
+        _, final = seeded_chains(adapter, start, count, seed=seed, steps=steps, step_size=step_size, device=device)
+        return adapter.images(final)
+
+    return sample
+
+
 def make_training_fid(cfg, image_model: bool, accelerator, log) -> TrainingFid | None:
     """The FID monitor of a run (None when `eval.fid_every` is 0 or the model makes no images). Collective:
     every process must call it (finding the training shards may materialize a bundled set)."""
-    from trainer.runtime import shard_directory
+    from trainer.run.launch import shard_directory
 
     if not cfg.eval.fid_every or not image_model:
         return None

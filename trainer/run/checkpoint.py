@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.files import atomic_write, atomic_write_json
 from trainer.errors import UserError
+from trainer.run.launch import seed_everything
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 MANIFEST = "manifest.json"
@@ -59,26 +61,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # Small file helpers: every file is written to a temporary name, flushed, then renamed.
 
 
-def _atomic_write_bytes(path: Path, writer: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    writer(tmp)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write_bytes(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
+    """Strict JSON (no NaN), atomically."""
+    atomic_write_json(path, data)
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """safetensors needs contiguous, unshared tensors: clone what is shared or strided."""
     clean = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    _atomic_write_bytes(Path(path), lambda tmp: save_file(clean, str(tmp)))
+    atomic_write(path, lambda tmp: save_file(clean, str(tmp)))
 
 
 def write_torch(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(Path(path), lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def read_torch(path: Path) -> Any:
@@ -231,3 +226,41 @@ class Checkpoint:
 
     def rank_file(self, rank: int, name: str) -> Path:
         return self.path / f"rank-{rank}" / name
+
+
+# ----------------------------------------------------------------------------------------------
+# What both loops do around their own files: DeepSpeed shards, and the per-process state.
+
+
+def deepspeed_save(engine) -> Callable[[Path], None]:
+    """The collective part of a checkpoint under DeepSpeed: the engine's own sharded state, in `deepspeed/`."""
+    return lambda staging: engine.save_checkpoint(str(staging / "deepspeed"), tag="state")
+
+
+def is_imported(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint came from `scripts/import_official.py` (it then holds no per-process state)."""
+    return "imported" in checkpoint.json("state.json")
+
+
+def check_resumable(checkpoint: Checkpoint, launch) -> None:
+    """Refuse a checkpoint this launch cannot resume: another number of processes (its data positions, RNG
+    streams and replay buffers are per process), or another launcher (DeepSpeed or not). An imported checkpoint
+    resumes on any number of processes."""
+    processes = launch.accelerator.num_processes
+    if checkpoint.world_size != processes and not is_imported(checkpoint):
+        raise UserError(f"checkpoint '{checkpoint.path}' was written by {checkpoint.world_size} process(es); "
+                        f"this launch has {processes}")
+    was_deepspeed = bool(checkpoint.json("state.json").get("deepspeed", False))
+    if was_deepspeed != launch.deepspeed:
+        raise UserError(f"checkpoint '{checkpoint.path}' was written {'with' if was_deepspeed else 'without'} "
+                        f"DeepSpeed; resume it the same way (or start a new run from its weights)")
+
+
+def restore_process_state(checkpoint: Checkpoint, rank: int, stream, fresh_seed: int) -> None:
+    """This process's data-stream position and RNG streams. An imported checkpoint has neither: the stream
+    starts fresh and the process is seeded with `fresh_seed`, as a new run would be."""
+    if is_imported(checkpoint):
+        seed_everything(fresh_seed)
+        return
+    stream.load_state_dict(checkpoint.json(f"rank-{rank}/data.json"))
+    set_rng_state(checkpoint.torch(f"rank-{rank}/rng.pt"))

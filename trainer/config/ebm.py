@@ -1,13 +1,13 @@
 """The energy-training config tree: an energy on a frozen VAE, trained by one loop for every method
-(VAEBM paper Table 8; latent tilting and the joint latent prior per DESIGN §2)."""
+(VAEBM paper Table 8; latent tilting and the joint latent prior as in README, "Energy methods on the same
+machinery")."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from models.adapters import METHODS
 from models.energy import LAYOUTS, EnergyNetConfig
-from trainer.eval_sections import EvalConfig
-from trainer.sections import DataConfig, TrainConfig
+from trainer.config.common import DataConfig, EvalConfig, TrainConfig
 
 LANGEVIN_AUTOCAST = ("no", "bf16")
 

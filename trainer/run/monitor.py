@@ -6,14 +6,15 @@ checkpoint) are dropped and TensorBoard purges its events after S, so every curv
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from trainer.images import make_grid, save_png, to_uint8
+from models.files import atomic_write_text
+from trainer.run.images import make_grid, save_png, to_uint8
 
 
 class RunMonitor:
@@ -40,9 +41,7 @@ class RunMonitor:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a row cut short by a crash
-        tmp = self.stats_path.with_name(f".stats.jsonl.tmp-{os.getpid()}")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.stats_path)
+        atomic_write_text(self.stats_path, "".join(f"{line}\n" for line in kept))
 
     def log(self, message: str) -> None:
         """A line to stdout and log.txt, with a timestamp in the file."""
@@ -86,3 +85,36 @@ def _plain(value):
     if isinstance(value, torch.Tensor):
         return value.item()
     return value
+
+
+class Progress:
+    """The progress bar (main process) and the throughput window between two log rows.
+
+    `skipped_updates` counts, over this process's life, the optimizer updates skipped for non-finite values.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled)
+        self.images, self.since, self.skipped_updates = 0, time.perf_counter(), 0
+
+    def step_done(self, images: int) -> None:
+        """One optimizer step over `images` images (all processes together)."""
+        self.images += images
+        self.bar.update(1)
+
+    def images_per_second(self) -> float:
+        """Throughput since the last `new_window`."""
+        return self.images / max(time.perf_counter() - self.since, 1e-9)
+
+    def new_window(self, **postfix: str) -> None:
+        """Start the next throughput window; show `postfix` beside the bar."""
+        self.bar.set_postfix(**postfix)
+        self.images, self.since = 0, time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def parameter_count(net: torch.nn.Module) -> str:
+    """`12.34 M parameters`, for the start-of-run line."""
+    return f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters"

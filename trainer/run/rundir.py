@@ -8,14 +8,15 @@ rolls it back to a checkpoint written before the divergence began.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import yaml
 
-from trainer.checkpoint import list_checkpoints, write_json
-from trainer.config import from_dict, save_config, to_dict
+from trainer.config.loader import from_dict, save_config, to_dict
 from trainer.errors import UserError
+from trainer.run.checkpoint import list_checkpoints, write_json
 
 DIVERGED_MARKER = "DIVERGED.json"
 # Switches that change how a network runs, not its weights: a resumed run may change them.
@@ -41,7 +42,7 @@ def prepare_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str 
     if marker.is_file():
         info = json.loads(marker.read_text())
         if resume_from is None:
-            raise UserError(f"run '{run_dir}' diverged at step {info['step']} ({info['metric']} = {info['value']:.4g}); "
+            raise UserError(f"run '{run_dir}' diverged at step {info['step']} ({info['metric']} = {float(info['value']):.4g}); "
                             f"not resuming into it. Resume from an earlier checkpoint with changed settings: "
                             f"--resume-from {run_dir}/checkpoints/step-NNNNNNN key=value ...")
         if previous == current:
@@ -73,7 +74,7 @@ def stop_requested(run_dir: Path, accelerator) -> bool:
     The check is collective, so all processes stop at the same step; the main process then removes
     the file, so the re-run (e.g. a requeued job) carries on.
     """
-    from trainer.runtime import any_rank
+    from trainer.run.collective import any_rank
 
     requested = any_rank(accelerator, (Path(run_dir) / STOP_FILE).exists())
     if requested and accelerator.is_main_process:
@@ -86,8 +87,9 @@ def mark_diverged(run_dir: Path, divergence) -> None:
     for step, path in list_checkpoints(run_dir):
         if step >= divergence.onset:
             shutil.rmtree(path, ignore_errors=True)
+    value = divergence.value if math.isfinite(divergence.value) else str(divergence.value)  # strict JSON: "nan"
     write_json(Path(run_dir) / DIVERGED_MARKER, {"step": divergence.step, "onset": divergence.onset,
-                                                  "metric": divergence.metric, "value": divergence.value})
+                                                  "metric": divergence.metric, "value": value})
 
 
 def _check_resume_point(run_dir: Path, checkpoint: Path) -> None:

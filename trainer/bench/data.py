@@ -1,7 +1,6 @@
 """Data-path throughput: TrainStream against a bare tarfile + PIL loop over the same shards.
 
-    python -m data.benchmark --shards OUT [--seconds 20]
-    python -m data.benchmark --dataset photo-crops --size 256 --cache-dir /tmp/shards   (writes them first)
+    python scripts/bench.py data --shards OUT        (shards from e.g. `make_shards.py --dataset photo-crops --size 256`)
 
 `stream_img_per_s`: TrainStream with one DataLoader worker, shuffle, decode, flips and the
 [B, 3, S, S] float conversion included. `bare_img_per_s`: one plain loop in this process that reads
@@ -11,9 +10,7 @@ The two alternate over several rounds (same total time each) so that machine noi
 """
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import tarfile
 import time
 import warnings
@@ -95,30 +92,3 @@ def _bench(shards: Path, index: dict, size: int, seconds: float, batch_size: int
             "ratio": round(stream_rate / bare_rate, 3), "size": size, "format": index["format"],
             "batch_size": batch_size, "rounds": rounds, "seconds": seconds,
             "torch_threads": torch.get_num_threads()}
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description="TrainStream vs bare-loop throughput")
-    parser.add_argument("--shards", type=Path, help="shard folder with index.json")
-    parser.add_argument("--dataset", choices=["digits", "photo-crops"], help="materialize a bundled set instead")
-    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/vaebm-shards"))
-    parser.add_argument("--size", type=int)
-    parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args()
-    shards = args.shards
-    if shards is None:
-        from data.bundled import materialize_shards
-        from trainer.errors import UserError
-
-        if args.dataset is None or args.size is None:
-            raise UserError("give --shards, or --dataset with --size")
-        shards = materialize_shards(args.dataset, args.size, args.cache_dir)
-    print(json.dumps(bench_data(shards, args.size, args.seconds, args.batch_size)))
-    return 0
-
-
-if __name__ == "__main__":
-    from trainer.errors import run_cli
-
-    run_cli(main)

@@ -1,8 +1,8 @@
-"""Throughput and peak memory of one full NVAE training step (DESIGN §6).
+"""Throughput and peak memory of one full NVAE training step (README, Benchmarks).
 
-A step is what the trainer does: forward, the loss with the KL balancing, spectral and BN terms,
-backward, and an Adamax step (lr 1e-2, eps 1e-3, weight decay 3e-4, facts §4.5), on random
-inputs in [−1, 1].
+A step is the training loop's own (`trainer.nvae.loop.NVAEUpdate.step`): forward, the loss with the KL
+balancing, spectral and BN terms, backward, an Adamax step (the `nvae` optimizer defaults: lr 1e-2 in
+warm-up, eps 1e-3, weight decay 3e-4) and the EMA update, on random inputs in [−1, 1].
 
 Peak memory:
 - CUDA: torch.cuda.max_memory_allocated after a reset, from before the model is built, so it
@@ -13,7 +13,7 @@ Peak memory:
   Where that reset is unavailable, `resource.getrusage(...).ru_maxrss` growth is reported, which
   can under-count when the process peaked earlier (`peak_mem_method` says which was used).
 
-    python -m trainer.benchmark_nvae --arch nvae-bench-small --batch-size 8 --steps 5 --warmup 2
+    python scripts/bench.py nvae --config nvae-bench-small --batch-size 8 --steps 5 --warmup 2
 
 On a CPU shared with other processes, OpenMP's default spin-waiting makes 2 threads several times
 slower than 1 (measured: a BatchNorm went from 1.3 ms to 17–35 ms); run with
@@ -21,16 +21,20 @@ slower than 1 (measured: a BatchNorm went from 1.3 ms to 17–35 ms); run with
 """
 from __future__ import annotations
 
-import argparse
-import json
 import resource
 import sys
 import time
 
 import torch
 
-from models.nvae import NVAE, NVAEConfig, get_architecture
-from trainer.nvae_objective import kl_balance_alphas, nvae_loss
+from models.nvae import NVAE, NVAEConfig
+from trainer.config.common import TrainConfig
+from trainer.config.nvae import NVAETrainingConfig
+from trainer.nvae.loop import NVAEUpdate
+from trainer.nvae.objective import kl_balance_alphas
+from trainer.run.collective import BatchRows
+from trainer.run.ema import EMA
+from trainer.run.launch import make_accelerator
 
 
 def _read_status_kb(field: str) -> int | None:
@@ -99,38 +103,38 @@ def bench_nvae(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> dict:
-    """Time `steps` full training steps after `warmup` untimed ones; fp32.
+    """Time `steps` full training steps (the loop's own `NVAEUpdate.step`) after `warmup` untimed ones; fp32.
 
-    Returns img_per_s, step_s (mean over the timed steps), step_s_min, peak_mem_mb (see the
-    module docstring), peak_mem_method, params_m, batch_size, resolution, threads,
-    gradient_checkpointing and device.
+    The steps are taken at a point of the KL warm-up (10% of the default schedule) where β < 1, so the KL
+    balancing runs as it does early in training. Returns img_per_s, step_s (mean over the timed steps),
+    step_s_min, peak_mem_mb (see the module docstring), peak_mem_method, params_m, batch_size, resolution,
+    threads, gradient_checkpointing and device.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
+    train = TrainConfig(global_batch_size=batch_size, per_device_batch_size=batch_size, mixed_precision="no")
+    cfg = NVAETrainingConfig(model=config, train=train)
+    at_step = cfg.train.max_steps // 10
     with _PeakMemory(device) as memory:
+        launch = make_accelerator(cfg.train)
         model = NVAE(config).to(device).train()
         if gradient_checkpointing is not None:
             model.gradient_checkpointing = gradient_checkpointing
-        optimizer = torch.optim.Adamax(model.parameters(), lr=1e-2, eps=1e-3, weight_decay=3e-4)
-        alphas = kl_balance_alphas(model.groups_per_scale_decoder_order).to(device)
+        optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps,
+                                       weight_decay=cfg.optim.weight_decay)
+        update = NVAEUpdate(model, model, EMA(model, cfg.train.ema_decay), optimizer, launch, cfg,
+                            rows=BatchRows(0, batch_size, batch_size),
+                            alphas=kl_balance_alphas(model.groups_per_scale_decoder_order).to(device))
         x = torch.rand(batch_size, *model.image_shape, device=device) * 2 - 1
-
-        def step() -> None:
-            output = model(x)
-            # β < 1 exercises the KL balancing, as during the warm-up.
-            loss, _ = nvae_loss(output, 0.5, alphas, 0.01, model.spectral_loss(), model.bn_loss())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
+        batches = iter(lambda: {"image": x}, None)  # the same batch, forever
         for _ in range(warmup):
-            step()
+            update.step(at_step, batches)
         times = []
         for _ in range(steps):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
-            step()
+            update.step(at_step, batches)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
@@ -148,24 +152,3 @@ def bench_nvae(
         "gradient_checkpointing": model.gradient_checkpointing,
         "device": str(device),
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="nvae-bench-small")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--checkpointing", choices=["on", "off"], default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    checkpointing = None if args.checkpointing is None else args.checkpointing == "on"
-    result = bench_nvae(get_architecture(args.arch), args.batch_size, args.steps, args.warmup, checkpointing, args.device)
-    print(json.dumps({"arch": args.arch, **result}))
-
-
-if __name__ == "__main__":
-    main()

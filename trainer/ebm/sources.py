@@ -1,4 +1,5 @@
-"""Load a trained NVAE, frozen, from an NVAE run directory or one of its checkpoint directories."""
+"""Trained models read back from run directories: the frozen VAE of an energy run (from an NVAE run directory or
+one of its checkpoints), and a trained energy network."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,11 +7,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from models.energy import build_energy
 from models.registry import build_vae
-from trainer.checkpoint import Checkpoint, latest_checkpoint
-from trainer.config import from_dict
+from trainer.config.ebm import VAEBMTrainingConfig
+from trainer.config.loader import from_dict, read_yaml
+from trainer.config.nvae import NVAETrainingConfig
 from trainer.errors import UserError
-from trainer.sections import NVAETrainingConfig
+from trainer.run.checkpoint import Checkpoint, latest_checkpoint
 
 
 def resolve_vae_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -45,3 +48,15 @@ def load_frozen_vae(path: str | Path, weights: str = "ema", device: torch.device
         raise UserError(f"'{checkpoint_dir / name}' does not match the NVAE of '{config_path}': "
                         f"{str(err).splitlines()[0]}") from None
     return vae.to(device).eval().requires_grad_(False), checkpoint_dir
+
+
+def load_trained_energy(run_dir: Path, device, latent_shapes=None) -> torch.nn.Module:
+    """The energy network of an energy run's newest checkpoint, in eval mode with requires_grad off.
+    A latent energy (joint prior) needs the shapes of the VAE's latents (`vae.z_shapes`)."""
+    checkpoint_path = latest_checkpoint(run_dir)
+    if checkpoint_path is None:
+        raise UserError(f"VAEBM run '{run_dir}' has no complete checkpoint")
+    cfg = from_dict(VAEBMTrainingConfig, {"energy": read_yaml(Path(run_dir) / "config.yaml")["energy"]})
+    net = build_energy(cfg.energy, latent_shapes)
+    net.load_state_dict(Checkpoint(checkpoint_path).tensors("energy.safetensors"))
+    return net.to(device).eval().requires_grad_(False)

@@ -1,0 +1,359 @@
+"""Energy training against a frozen VAE: VAEBM (paper §3.2, App. E) and, through the same loop, the
+latent-space methods (`method`: vaebm, latent-tilting, joint-prior; `models/adapters.py`; README,
+"Energy methods on the same machinery").
+
+Each iteration: initial noise (ε_z from the replay buffer with probability p, else fresh; ε_x always
+fresh where the method moves it) → K Langevin steps on U(ε) = E_ψ(part of T_θ(ε)) + ½‖ε‖²
+→ negatives (what the energy scores of the final ε) → loss mean E(+) − mean E(−) + α_s·Σσ
++ α_r·(E(+)² + E(−)²) → element-wise clip → Adam step → push ε_z. Positives are data (VAEBM,
+tilting) or z ~ q(z|x) (joint prior).
+
+Chains are independent across processes (their noise is seeded per (seed, rank, step)); the energy's
+gradients are all-reduced by DDP. With `data.split=global` every process draws the chains' noise for the
+whole global micro-batch from a generator seeded per (seed, step) and keeps its rows, so without the
+replay buffer (whose entries are per process) 2 processes with B/2 chains each train like 1 process with
+B (tested). Image grids are computed by all processes, each its share of the chains. Re-running the
+command resumes; a diverged run is never resumed into (see `trainer/run/divergence.py` and `resume_from`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from models.adapters import NoiseEnergy, build_adapter
+from models.energy import build_energy
+from models.langevin import LangevinResult, langevin, seeded_chains
+from models.registry import is_image_model
+from trainer.config.ebm import VAEBMTrainingConfig
+from trainer.ebm.finetune import GeneratorFinetuner
+from trainer.ebm.objective import clip_to_adam_rms, ebm_loss
+from trainer.ebm.replay import ReplayBuffer, replay_probability
+from trainer.ebm.sources import load_frozen_vae
+from trainer.errors import UserError
+from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save, is_imported,
+                                    latest_checkpoint, restore_process_state, rng_state)
+from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, collective_rows, mean_across_ranks,
+                                    sliced_noise)
+from trainer.run.divergence import Divergence, DivergenceDetector
+from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
+from trainer.run.launch import (Launch, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb,
+                                process_seed, seed_everything)
+from trainer.run.monitor import Progress, RunMonitor, parameter_count
+from trainer.run.rundir import mark_diverged, prepare_run_dir, stop_requested
+
+GRID_CHAINS = 8
+GRID_SEED = 4321  # the fixed chains of the before/after-Langevin grids
+
+
+def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | None = None) -> Path | None:
+    """Train (or resume) an energy on a frozen VAE; returns the final checkpoint (None if diverged)."""
+    # Launch.
+    launch = make_accelerator(cfg.train)
+    accelerator = launch.accelerator
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    run_dir = prepare_run_dir(run_dir, cfg, accelerator, kind="vaebm", section="energy",
+                              resume_from=resume_from)
+
+    # The frozen VAE, the energy, its optimizer, the replay buffer, data.
+    vae, vae_checkpoint = load_frozen_vae(cfg.vae.path, cfg.vae.weights, device)  # never wrapped or trained
+    seed_everything(cfg.train.seed)
+    energy = build_energy(cfg.energy, vae.z_shapes)  # a latent energy scores z, not the noise
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=betas,
+                                 weight_decay=cfg.optim.weight_decay)
+    energy, optimizer = accelerator.prepare(energy, optimizer)
+    net = accelerator.unwrap_model(energy)  # Langevin runs on the bare module, never through DDP/DeepSpeed
+    adapter = build_adapter(cfg.method, vae, net, cfg.vae.temperature)
+    finetuner = GeneratorFinetuner(vae, cfg.vae.finetune_lr, accelerator) if cfg.vae.finetune else None
+    buffer = None
+    if cfg.replay.enabled:
+        buffer = ReplayBuffer(vae.latent_shapes, capacity=-(-cfg.replay.capacity // world),
+                              pin_memory=device.type == "cuda")
+    detector = DivergenceDetector(cfg.divergence.max_abs_energy, cfg.divergence.max_energy_gap,
+                                  cfg.divergence.patience)
+    stream = make_train_stream(cfg.data, cfg.train.per_device_batch_size, cfg.train.seed, accelerator)
+    batches = iter(stream)
+    rows = BatchRows.of(cfg.data, cfg.train.per_device_batch_size, accelerator)  # this process's chains
+    noise_rank = rank if cfg.data.split == "shards" else 0  # global: the same chain noise on every process
+    update = EnergyUpdate(energy, net, optimizer, adapter, buffer, finetuner, launch, cfg, rows=rows,
+                          noise_rank=noise_rank)
+
+    # Resume, or initialize the energy from data.
+    step, checkpoint_path = 0, resume_from or latest_checkpoint(run_dir)
+    if checkpoint_path is not None:
+        step = restore(Checkpoint(checkpoint_path), energy, optimizer, buffer, detector, stream, launch,
+                       cfg.train.seed, finetuner)
+        batches = iter(stream)
+    else:
+        seed_everything(process_seed(cfg.train.seed, rank))
+        init = torch.cat([batch_inputs(next(batches)) for _ in range(cfg.data_init_batches)]).to(device)
+        net.initialize_from_data(adapter.positives(init))  # statistics all-reduced across processes
+    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step)
+    fid = make_training_fid(cfg, is_image_model(vae), accelerator, monitor.log)
+    replay = f", replay buffer {buffer.nbytes / 2**20:.1f} MB per process" if buffer else ""
+    monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'} {cfg.method}: energy "
+                f"{parameter_count(net)}, VAE {vae_checkpoint}, {world} process(es), accumulation "
+                f"{launch.accumulation}, device {device}{replay}")
+    saver = CheckpointSaver(run_dir, rank=rank, world_size=world, is_main=accelerator.is_main_process,
+                            barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints)
+    stop_step = min(cfg.train.max_steps, cfg.train.halt_at_step or cfg.train.max_steps)
+    progress = Progress(cfg.train.max_steps, step, accelerator.is_main_process and cfg.train.progress_bar)
+    last_saved = step if checkpoint_path is not None else -1
+    test_steps = cfg.langevin.sample_steps or cfg.langevin.steps
+
+    while step < stop_step:
+        # Langevin negatives and the update.
+        result = update.step(step, batches)
+        progress.skipped_updates += result.skipped
+        step += 1
+        progress.step_done(result.images)
+
+        # Divergence: decided on energies averaged over the processes, so every process stops together.
+        terms = mean_across_ranks(accelerator, result.terms)
+        divergence = detector.check(step, terms["energy_pos"], terms["energy_neg"], result.grads_finite)
+
+        # Report.
+        if step % cfg.train.log_every == 0 or step == stop_step or divergence:
+            row = log_row(result, terms, buffer, progress, stream.skipped_samples, device)
+            monitor.stats(step, row, tb_tags={"data/skipped_samples": "data/skipped_samples",
+                                              "img_per_s": "sys/img_per_s", "peak_mem_mb": "sys/peak_mem_mb",
+                                              "replay_mem_mb": "sys/replay_mem_mb"})
+            energies = {f"langevin/energy_step_{k:02d}": float(e) for k, e in enumerate(result.chains.energy)}
+            monitor.scalars(step, energies)
+            progress.new_window(gap=f"{terms['energy_gap']:.3g}", img_s=f"{row['img_per_s']:.1f}")
+        if divergence:
+            stop_diverged(divergence, run_dir, accelerator, monitor)
+            progress.close()
+            monitor.close()
+            return None
+
+        # Image grids and FID after test-length Langevin (collective: each process runs a share).
+        grid_due = step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)
+        if is_image_model(vae) and grid_due:
+            log_chain_images(monitor, adapter, test_steps, cfg.langevin.step_size, step, device, accelerator)
+        if fid is not None and fid.due(step, stop_step):
+            samples = chain_sample_fn(adapter, test_steps, cfg.langevin.step_size, cfg.train.seed, device)
+            log_fid(monitor, step, fid.evaluate(samples))
+
+        # Checkpoint (never inside a streak of bad steps: those may be the start of a divergence).
+        if (step % cfg.train.checkpoint_every == 0 or step == stop_step) and not detector.in_bad_streak:
+            save_checkpoint(saver, step, update, detector, stream, vae_checkpoint)
+            last_saved = step
+        if stop_requested(run_dir, accelerator):  # preemption: checkpoint now, exit cleanly, resume on re-run
+            monitor.log(f"stop requested ({run_dir / 'STOP'}) at step {step}")
+            break
+
+    # Done.
+    if last_saved != step and not detector.in_bad_streak:
+        save_checkpoint(saver, step, update, detector, stream, vae_checkpoint)
+    progress.close()
+    monitor.log(f"{'halted' if step < cfg.train.max_steps else 'finished'} at step {step}; checkpoint "
+                f"{latest_checkpoint(run_dir)}")
+    monitor.close()
+    accelerator.end_training()
+    return latest_checkpoint(run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# One training iteration.
+
+
+@dataclass
+class StepResult:
+    """What one energy-training iteration reports (the last micro-batch's loss and chains)."""
+
+    loss: float
+    terms: dict[str, float]      # energy_pos, energy_neg, energy_gap, spectral, energy_sq
+    chains: LangevinResult       # the last micro-batch's chains, with per-step diagnostics
+    replay_p: float
+    clip_fraction: float
+    grads_finite: bool
+    images: int                  # positives in the iteration, all processes together
+    skipped: int                 # 1 if the update was skipped for non-finite values
+    finetune_terms: dict[str, float] = field(default_factory=dict)
+
+
+class EnergyUpdate:
+    """One energy-training iteration over `launch.accumulation` micro-batches: Langevin negatives, the energy
+    loss, backward, the element-wise clip, the Adam step, the replay push and (joint prior, `vae.finetune`)
+    the VAE's update. The training loop and `scripts/bench.py vaebm-step` both call `step`."""
+
+    def __init__(self, energy, net, optimizer, adapter: NoiseEnergy, buffer: ReplayBuffer | None,
+                 finetuner: GeneratorFinetuner | None, launch: Launch, cfg: VAEBMTrainingConfig, *,
+                 rows: BatchRows, noise_rank: int):
+        self.energy, self.net, self.optimizer, self.adapter = energy, net, optimizer, adapter
+        self.buffer, self.finetuner, self.launch, self.cfg = buffer, finetuner, launch, cfg
+        self.rows, self.noise_rank = rows, noise_rank
+        self.autocast_dtype = torch.bfloat16 if cfg.langevin.autocast == "bf16" else None
+
+    def step(self, step: int, batches: Iterator[dict]) -> StepResult:
+        """Take iteration number `step` (0-based) on the next micro-batches of `batches`."""
+        cfg, launch, accelerator, adapter = self.cfg, self.launch, self.launch.accelerator, self.adapter
+        device = accelerator.device
+        p = replay_probability(step, cfg.replay.max_p, cfg.replay.anneal_steps) if self.buffer else 0.0
+        seed = process_seed(cfg.train.seed, self.noise_rank) + 1_000_003 * step
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        images = 0
+        for micro in range(launch.accumulation):
+            x_pos = batch_inputs(next(batches)).to(device, non_blocking=True)
+            batch = x_pos.shape[0]
+            chains, negatives = negative_samples(adapter, self.buffer, batch, p, generator, cfg.langevin,
+                                                 self.autocast_dtype, self.rows)
+            with torch.no_grad():  # joint prior: z ~ q(z|x), noise drawn per global sample like the chains'
+                posterior_eps = None
+                if adapter.positives_need_noise:
+                    posterior_eps = sliced_noise(adapter.vae.latent_shapes, self.rows, generator, device)
+                positives = adapter.positives(x_pos, posterior_eps)
+            with accelerator.accumulate(self.energy):
+                with launch.autocast():
+                    # One pass over positives and negatives: DDP sees one forward per backward.
+                    energies = self.energy(adapter.concat(positives, negatives))
+                    loss, terms = ebm_loss(energies[:batch], energies[batch:], self.net.spectral_loss(),
+                                           cfg.optim.spectral_coeff, cfg.optim.energy_reg_coeff)
+                accelerator.backward(loss)
+            if self.buffer is not None:
+                self.buffer.push(adapter.latent_noise(chains.noise))
+            images += batch * accelerator.num_processes
+
+        loss_finite = math.isfinite(float(loss.detach()))
+        if launch.deepspeed:  # the engine has stepped inside backward (its own clipping, if configured)
+            grads_finite, clip_fraction, skipped = not any_rank(accelerator, not loss_finite), 0.0, 0
+        else:
+            grads = [param.grad for param in self.net.parameters() if param.grad is not None]
+            grads_finite = not any_rank(accelerator, not all(torch.isfinite(g).all() for g in grads))
+            clip_fraction = 0.0
+            if cfg.optim.clip_std > 0:
+                clip_fraction = clip_to_adam_rms(self.optimizer.optimizer, cfg.optim.clip_std,
+                                                 cfg.optim.clip_offset)
+            skipped = 0 if grads_finite and loss_finite else 1  # a single non-finite step is skipped, counted
+            if not skipped:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        finetune_terms = self.finetuner.step(x_pos, negatives, self.net) if self.finetuner is not None else {}
+        return StepResult(float(loss.detach()), terms, chains, p, clip_fraction, grads_finite, images,
+                          skipped, finetune_terms)
+
+
+def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: int, p: float,
+                     generator: torch.Generator, langevin_cfg, autocast_dtype=None,
+                     rows: BatchRows | None = None):
+    """Initial noise (ε_z from the buffer with probability p, else fresh; ε_x, where the method moves it,
+    always fresh), K Langevin steps, and the negatives: what the energy scores of the final noise (for
+    VAEBM x− [B, C, H, W], the decoder mean with `use_mu_cd`, else the sample).
+
+    `rows`: this process's chains of the global micro-batch (data.split=global); fresh and Langevin noise
+    are drawn for all `rows.total` chains and sliced. Default: the `batch` chains are this process's own.
+    """
+    device = generator.device
+    rows = rows or BatchRows(0, batch, batch)
+    if buffer is not None:  # per-process entries: these chains depend on the number of processes
+        eps_z, _ = buffer.draw(batch, p, generator, device)
+        noise = adapter.chain_noise(eps_z, generator)
+    else:
+        noise = [n[rows.start:rows.stop] for n in adapter.initial_noise(rows.total, generator, device)]
+    chains = langevin(noise, adapter, langevin_cfg.steps, langevin_cfg.step_size,
+                      SlicedNoise(generator, rows), autocast_dtype=autocast_dtype)
+    with torch.no_grad():
+        negatives = adapter.negatives(chains.noise, use_mean=langevin_cfg.use_mu_cd)
+    return chains, negatives
+
+
+def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | None, progress: Progress,
+            skipped_samples: int, device) -> dict[str, float]:
+    """One stats.jsonl row (README, "A run directory", lists its keys); `terms` are process averages."""
+    chains = result.chains
+    return {"loss": result.loss, **terms, "langevin_grad_norm": float(chains.grad_norm.mean()),
+            "langevin_energy_first": float(chains.energy[0]),
+            "langevin_energy_last": float(chains.energy[-1]),
+            "replay_fill": len(buffer) if buffer else 0, "replay_p": result.replay_p,
+            "clip_fraction": result.clip_fraction, "img_per_s": progress.images_per_second(),
+            "skipped_updates": progress.skipped_updates, "data/skipped_samples": skipped_samples,
+            "peak_mem_mb": peak_memory_mb(device), "replay_mem_mb": buffer.nbytes / 2**20 if buffer else 0.0,
+            **result.finetune_terms}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and divergence.
+
+
+def save_checkpoint(saver: CheckpointSaver, step: int, update: EnergyUpdate, detector: DivergenceDetector,
+                    stream, vae_checkpoint: Path) -> None:
+    """Write checkpoint `step` of the training state `update` holds, collectively (every process calls it)."""
+    per_rank = {"rng.pt": rng_state(), "data.json": stream.state_dict()}
+    if update.buffer is not None:
+        per_rank["replay.pt"] = update.buffer.state_dict()
+    shared = {"energy.safetensors": update.net.state_dict(),
+              "state.json": {"step": step, "kind": "vaebm", "vae_checkpoint": str(vae_checkpoint),
+                             "divergence": detector.state_dict(), "deepspeed": update.launch.deepspeed}}
+    if not update.launch.deepspeed:
+        shared["optimizer.pt"] = update.optimizer.state_dict()
+    if update.finetuner is not None:  # the fine-tuned VAE travels with the energy (export reads it from here)
+        shared.update({"vae.safetensors": update.adapter.vae.state_dict(),
+                       "vae_optimizer.pt": update.finetuner.state_dict()})
+    saver.save(step, shared=shared, per_rank=per_rank,
+               collective=deepspeed_save(update.energy) if update.launch.deepspeed else None)
+
+
+def restore(checkpoint: Checkpoint, energy, optimizer, buffer, detector, stream, launch: Launch,
+            seed: int = 0, finetuner: GeneratorFinetuner | None = None) -> int:
+    """Load everything an energy checkpoint holds (replay buffers and RNG per process, the fine-tuned VAE
+    when there is one); returns its step.
+
+    An imported checkpoint (`scripts/import_official.py`) holds no per-process state: it resumes on any
+    number of processes with a fresh data stream, an empty replay buffer and per-process seeds from `seed`.
+    """
+    accelerator = launch.accelerator
+    check_resumable(checkpoint, launch)
+    imported = is_imported(checkpoint)
+    net = accelerator.unwrap_model(energy)
+    net.load_state_dict(checkpoint.tensors("energy.safetensors"))  # includes spectral u/v and data-init flags
+    if launch.deepspeed:
+        energy.load_checkpoint(str(checkpoint.path / "deepspeed"), tag="state")
+    else:
+        optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
+    detector.load_state_dict(checkpoint.json("state.json")["divergence"])
+    if finetuner is not None and not imported:  # an imported energy fine-tunes the VAE of vae.path
+        if not checkpoint.has("vae.safetensors"):
+            raise UserError(f"checkpoint '{checkpoint.path}' has no fine-tuned VAE but vae.finetune is true")
+        finetuner.vae.load_state_dict(checkpoint.tensors("vae.safetensors"))
+        finetuner.load_state_dict(checkpoint.torch("vae_optimizer.pt"))
+    rank = accelerator.process_index
+    if buffer is not None and not imported:
+        if not checkpoint.has(f"rank-{rank}/replay.pt"):
+            raise UserError(f"checkpoint '{checkpoint.path}' has no replay buffer but replay.enabled is true")
+        buffer.load_state_dict(checkpoint.torch(f"rank-{rank}/replay.pt"))
+    restore_process_state(checkpoint, rank, stream, process_seed(seed, rank))
+    return checkpoint.step
+
+
+def stop_diverged(divergence: Divergence, run_dir: Path, accelerator, monitor: RunMonitor) -> None:
+    """Stop: mark the run diverged and drop checkpoints from the bad streak on (none are written in it)."""
+    if accelerator.is_main_process:
+        mark_diverged(run_dir, divergence)
+    monitor.log(f"{divergence.message()}; stopped. The run is marked diverged; checkpoints before step "
+                f"{divergence.onset} are kept. Resume from one with changed settings: "
+                f"--resume-from CHECKPOINT")
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard images.
+
+
+@torch.no_grad()
+def log_chain_images(monitor: RunMonitor, adapter: NoiseEnergy, steps: int, step_size: float, step: int,
+                     device, accelerator) -> None:
+    """VAE samples (top row) beside the same chains after `steps` Langevin steps (bottom), fixed noise.
+    Collective: every process runs its share of the chains, the main process writes the grid."""
+    def before_and_after(chains: slice) -> torch.Tensor:  # [k, 2, C, H, W]
+        initial, final = seeded_chains(adapter, chains.start, chains.stop - chains.start, seed=GRID_SEED,
+                                       steps=steps, step_size=step_size, device=device)
+        return torch.stack([adapter.images(initial), adapter.images(final)], dim=1)
+
+    grid = collective_rows(accelerator, GRID_CHAINS, before_and_after).transpose(0, 1).flatten(0, 1)
+    monitor.images("chains/vae_then_langevin", grid, step, ncol=GRID_CHAINS)

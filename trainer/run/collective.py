@@ -1,0 +1,96 @@
+"""Collective helpers: decisions every process takes alike, and the pieces that make a multi-process run match
+a 1-process run (a process's rows of a global batch, noise drawn per global sample, rows computed in shares and
+gathered)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+
+from trainer.config.common import DataConfig
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if `flag` is true on any of them."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def mean_across_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """The same floats averaged over all processes (one all-reduce), so that every process sees the same
+    numbers: decisions taken on them (e.g. divergence) agree, and logs show the global batch."""
+    if accelerator.num_processes == 1:
+        return values
+    reduced = accelerator.reduce(torch.tensor(list(values.values()), dtype=torch.float64, device=accelerator.device),
+                                 reduction="mean")
+    return dict(zip(values, reduced.tolist()))
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """This process's rows [start, stop) of a global micro-batch of `total` samples."""
+
+    start: int
+    stop: int
+    total: int
+
+    @staticmethod
+    def of(data: DataConfig, per_device: int, accelerator: Accelerator) -> "BatchRows":
+        """Rows of this process with data.split=global; with "shards" the process's batch is its own."""
+        if data.split != "global":
+            return BatchRows(0, per_device, per_device)
+        start = accelerator.process_index * per_device
+        return BatchRows(start, start + per_device, per_device * accelerator.num_processes)
+
+
+def sliced_noise(shapes: Sequence[Sequence[int]], rows: BatchRows, generator: torch.Generator,
+                 device) -> list[torch.Tensor]:
+    """Standard-normal noise [stop − start, *shape] per per-sample shape: this process's rows of a draw
+    for the whole global micro-batch. With the same generator state on every process, sample i of the
+    global batch gets the same noise for any number of processes."""
+    return [torch.randn((rows.total, *shape), generator=generator, device=device)[rows.start:rows.stop]
+            for shape in shapes]
+
+
+class SlicedNoise:
+    """A Langevin noise source (`models.langevin.NoiseSource`) made of `sliced_noise` draws."""
+
+    def __init__(self, generator: torch.Generator, rows: BatchRows):
+        self.generator, self.rows = generator, rows
+
+    def sample(self, shapes: Sequence[torch.Size], device: torch.device) -> list[torch.Tensor]:
+        return sliced_noise([shape[1:] for shape in shapes], self.rows, self.generator, device)
+
+
+def mean_across_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """tensor ↦ its mean over the processes (every process must call it), or None on one process.
+
+    With equal per-process batches the mean of per-process batch means is the global batch mean.
+    """
+    if accelerator.num_processes == 1:
+        return None
+    return lambda tensor: accelerator.reduce(tensor.detach(), reduction="mean")
+
+
+def collective_rows(accelerator: Accelerator, count: int,
+                    compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """`compute(rows)` → [len(rows), ...] for rows 0 … count−1, the rows split over the processes.
+
+    Every process computes a contiguous share and the shares are gathered: every process returns
+    the full [count, ...] tensor. Row i is the same for any number of processes as long as
+    `compute` makes row i from inputs of index i only (e.g. per-chain noise).
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world == 1:
+        return compute(slice(0, count))
+    share = -(-count // world)
+    start, stop = min(rank * share, count), min((rank + 1) * share, count)
+    # A process without rows computes row 0 anyway (shapes must match for the gather) and drops it.
+    part = compute(slice(start, stop) if stop > start else slice(0, 1))[: stop - start]
+    padded = part.new_zeros((share, *part.shape[1:]))
+    padded[: len(part)] = part
+    return accelerator.gather(padded)[:count]  # the shares are contiguous and in rank order
