@@ -4,9 +4,10 @@ The bundle's energy method (`models/adapters.py`) decides what Langevin moves: (
 ε_z only for latent tilting and the joint latent prior (ε_x then stays as drawn).
 
 Sampling (`BundleSampler.sample_indices`; README, Design; VAEBM App. E). Chain i's initial noise and
-Langevin noise come from its own generator seeded `chain_seed(seed, i)`, so image i depends only on
-(seed, i), whatever the batch size or number of processes (bit-exact on CPU in our tests; other
-backends may pick batch-size-dependent kernels).
+Langevin noise come from its own generator seeded `chain_seed(seed, i)`, and the networks always run on
+chunks of exactly `chunk` chains (padded), because matrix kernels are picked by batch size: so image i
+depends only on (seed, i) and the chunk size, bit for bit, whatever the batch size or number of processes
+(on one kind of device with one thread count).
 
 - init "prior": ε ~ N(0, I); Langevin on U(ε) = E(T_t(ε)) + ½‖ε‖², T_t the decoder at temperature t
   (t scales every prior σ and the decoder σ).
@@ -38,6 +39,7 @@ from models.nvae.bn_stats import temperature_key
 from models.nvae.model import NVAE
 
 INITS = ("prior", "low-temp")
+DEFAULT_CHUNK = 64  # chains per network evaluation when the bundle does not say (`sampling.chunk`)
 LOW_TEMPERATURE = 0.7  # default temperature of the low-temperature initialization (App. E)
 AUTOCAST = {"no": None, "bf16": torch.bfloat16}
 
@@ -75,6 +77,21 @@ class SampleOutput:
     frames: list[torch.Tensor] = field(default_factory=list)  # decoder means at frame_steps, each [B, ...]
     frame_steps: list[int] = field(default_factory=list)
 
+    def head(self, count: int) -> "SampleOutput":
+        """The first `count` chains."""
+        return SampleOutput(self.indices[:count], self.mean[:count],
+                            None if self.sample is None else self.sample[:count],
+                            [frame[:count] for frame in self.frames], list(self.frame_steps))
+
+    @staticmethod
+    def concat(parts: list["SampleOutput"]) -> "SampleOutput":
+        """The chains of `parts`, in order (all with the same frame steps)."""
+        first = parts[0]
+        sample = None if first.sample is None else torch.cat([p.sample for p in parts])
+        frames = [torch.cat([p.frames[k] for p in parts]) for k in range(len(first.frames))]
+        return SampleOutput([i for p in parts for i in p.indices], torch.cat([p.mean for p in parts]), sample,
+                            frames, list(first.frame_steps))
+
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] in [−1, 1] → uint8 [N, C, H, W] by clamping (no per-image min–max rescaling).
@@ -103,6 +120,7 @@ class BundleSampler:
         self.manifest = manifest
         self.path = Path(path)
         self.defaults = dict(manifest["sampling"])
+        self.chunk = int(self.defaults.get("chunk", DEFAULT_CHUNK))  # see `sample_indices`; settable
 
     # --- what the bundle holds ---------------------------------------------------------------
 
@@ -180,10 +198,27 @@ class BundleSampler:
     def sample_indices(self, indices: Sequence[int], seed: int, steps: int | None = None,
                        step_size: float | None = None, temperature: float | None = None, init: str = "prior",
                        chains_every: int = 0, autocast: str | None = None) -> SampleOutput:
-        """Chains `indices` of a run seeded `seed` (chain i depends only on (seed, i)); see the module doc."""
+        """Chains `indices` of a run seeded `seed`; see the module docstring.
+
+        The networks always run on exactly `self.chunk` chains (the last chunk is padded with copies of its last
+        chain, which are dropped): matrix kernels are chosen by batch size, so this is what makes chain i depend
+        only on (seed, i), bit for bit, however the indices are batched or split across processes.
+        """
         opts = self.options(steps, step_size, temperature, init, autocast)
         indices = [int(i) for i in indices]
-        noise_source = PerChainNoise([chain_seed(int(seed), i) for i in indices])
+        parts = []
+        for start in range(0, len(indices), self.chunk):
+            real = indices[start:start + self.chunk]
+            padded = real + real[-1:] * (self.chunk - len(real))
+            parts.append(self._sample_chunk(padded, int(seed), opts, chains_every).head(len(real)))
+        if not parts:
+            empty = torch.zeros((0, *self.vae.image_shape))
+            return SampleOutput([], empty, empty.clone())
+        return SampleOutput.concat(parts)
+
+    def _sample_chunk(self, indices: list[int], seed: int, opts: SamplingOptions, chains_every: int) -> SampleOutput:
+        """One chunk of chains (see `sample_indices`)."""
+        noise_source = PerChainNoise([chain_seed(seed, i) for i in indices])
         vae, device = self.vae, self.device
         chain_t = opts.chain_temperature
         with torch.inference_mode(False), torch.no_grad():

@@ -1,12 +1,13 @@
 """Draw samples from an inference bundle: one file per image, resumable, on one or many processes.
 
-    python scripts/sample.py BUNDLE --n 50000 --out samples/ [--batch-size 64] [--steps K] [--step-size η]
+    python scripts/sample.py BUNDLE --n 50000 --out samples/ [--batch-size 64] [--chunk 64] [--steps K] [--step-size η]
                              [--temperature t] [--init prior|low-temp] [--seed 0] [--format png|npz]
                              [--chains-every k] [--device cuda|cpu] [--autocast no|bf16]
     accelerate launch --num_processes 8 scripts/sample.py BUNDLE --n 50000 --out samples/
 
-Image i depends only on (seed, i), so the files are identical whatever the batch size or the number
-of processes. Process `rank` of `world` (RANK / WORLD_SIZE / LOCAL_RANK, as set by accelerate launch
+Image i depends only on (seed, i): its chain's noise comes from its own generator, and the networks run on
+chunks of exactly `--chunk` chains (padded), so the files are bit-identical whatever the batch size or the
+number of processes (on one kind of device with one thread count; the chunk size is part of the settings). Process `rank` of `world` (RANK / WORLD_SIZE / LOCAL_RANK, as set by accelerate launch
 or torchrun; no process group is formed) writes the indices i with i % world == rank. Re-running the
 command skips files already written; `OUT/sampling.json` records the settings, and a rerun with other
 settings into the same OUT is refused.
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, required=True, help="number of samples (indices 0 … n−1)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--batch-size", type=int, default=64, help="chains per batch and process")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="chains per network evaluation (default: the bundle's, 64); images depend on it, "
+                             "never on --batch-size or the number of processes")
     parser.add_argument("--steps", type=int, default=None, help="Langevin steps (default: the bundle's; 0 = VAE only)")
     parser.add_argument("--step-size", type=float, default=None, help="Langevin step size η (default: the bundle's)")
     parser.add_argument("--temperature", type=float, default=None,
@@ -137,8 +141,8 @@ def write_npz(path: Path, results: list, is_image: bool, chains: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.n < 0 or args.batch_size < 1 or args.chains_every < 0:
-        raise UserError("--n must be >= 0, --batch-size >= 1 and --chains-every >= 0")
+    if args.n < 0 or args.batch_size < 1 or args.chains_every < 0 or (args.chunk is not None and args.chunk < 1):
+        raise UserError("--n must be >= 0, --batch-size >= 1, --chunk >= 1 and --chains-every >= 0")
     rank, world, local_rank = process_slot()
     import torch
     from tqdm import tqdm
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         options = sampler.options(args.steps, args.step_size, args.temperature, args.init, args.autocast)
     except (BundleError, SamplingOptionError) as err:
         raise UserError(str(err)) from None
+    if args.chunk is not None:
+        sampler.chunk = args.chunk
     fmt = args.format or ("png" if sampler.is_image else "npz")
     if fmt == "png" and not sampler.is_image:
         raise UserError("this bundle holds a 2-D toy model: use --format npz")
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"bundle_sha256": hashlib.sha256((args.bundle / MANIFEST).read_bytes()).hexdigest(),
-                "seed": args.seed, "format": fmt, "chains_every": args.chains_every, **options.as_dict()}
+                "seed": args.seed, "format": fmt, "chains_every": args.chains_every, "chunk": sampler.chunk,
+                **options.as_dict()}
     check_settings(out, settings, rank)
     kwargs = dict(steps=options.steps, step_size=options.step_size, temperature=options.temperature,
                   init=options.init, autocast=options.autocast, chains_every=args.chains_every)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config.loader import list_presets, load_config, parse_override, to_dict
+from trainer.config.ebm import VAEBMTrainingConfig
+from trainer.config.loader import list_presets, load_config, parse_override, save_config, to_dict
 from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 from trainer.errors import UserError
 
@@ -26,8 +27,31 @@ def test_every_nvae_preset_resolves(preset):
         assert cfg.model.image_size == cfg.data.image_size
 
 
-def test_expected_presets_exist():
+def test_the_papers_presets_hold_their_settings():
+    """The paper datasets' presets exist and say what the papers say: NVAE architectures and VAEBM Table 8."""
     assert {"digits", "cifar10", "celeba64", "lsun_church64", "celebahq256", "nvae-bench-small"} <= set(list_presets("nvae"))
+    assert load("celebahq256", "data.shards=/x").model.num_x_bits == 5  # 5-bit inputs for CelebA-HQ 256
+    # lr, Langevin steps and step size in training, persistent chains, test-time steps (VAEBM Table 8)
+    table8 = {"cifar10": (4e-5, 10, 8e-5, False, 16), "celeba64": (5e-5, 10, 5e-6, False, 20),
+              "lsun_church64": (4e-5, 10, 4e-6, True, 20), "celebahq256": (4e-5, 6, 3e-6, True, 24)}
+    for name, (lr, steps, step_size, replay, sample_steps) in table8.items():
+        cfg = load_vaebm(name)
+        assert cfg.optim.lr == pytest.approx(lr) and cfg.langevin.sample_steps == sample_steps, name
+        assert cfg.langevin.steps == steps and cfg.langevin.step_size == pytest.approx(step_size), name
+        assert cfg.replay.enabled == replay, name
+        assert (cfg.optim.beta1, cfg.optim.spectral_coeff) == (0.99, 0.2) and cfg.energy.layout == name
+
+
+def load_vaebm(preset, *overrides):
+    return load_config(VAEBMTrainingConfig, "vaebm", preset, ["vae.path=/somewhere", "data.shards=/somewhere",
+                                                             *overrides])
+
+
+@pytest.mark.parametrize("preset", list_presets("vaebm"))
+def test_every_vaebm_preset_resolves(preset):
+    cfg = load_vaebm(preset)
+    assert cfg.langevin.steps >= 1 and cfg.train.max_steps >= 1
+    assert (cfg.method == "joint-prior") == (cfg.energy.kind == "latent")
 
 
 def test_overrides_apply_with_types():
@@ -76,8 +100,6 @@ def test_unknown_preset_and_missing_file():
 def test_resolved_config_round_trips(tmp_path):
     cfg = load("celebahq256", "data.shards=/x")
     path = tmp_path / "cfg.yaml"
-    from trainer.config.loader import save_config
-
     save_config(cfg, path)
     again = load_config(NVAETrainingConfig, "nvae", str(path), [])
     assert to_dict(again) == to_dict(cfg)

@@ -5,10 +5,11 @@ Accelerate's DeepSpeed plugin reads the installed `transformers` version wheneve
 Multi-rank DeepSpeed on CPU is not tested: Accelerate mis-reports ranks there (every process sees
 itself as rank 0 of 1), so it is no faithful test; the multi-process equality tests use DDP.
 """
-import importlib.metadata
+import re
 
+import pytest
 import torch
-from conftest import FAST, run_script
+from conftest import FAST, ROOT, run_script
 from safetensors.torch import load_file
 
 from trainer.run.checkpoint import latest_checkpoint
@@ -17,10 +18,18 @@ ZERO2 = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "2", "--num_
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
-def test_transformers_metadata_is_installed():
-    assert importlib.metadata.version("transformers")  # needed by DeepSpeedPlugin under accelerate >= 1.0
+def test_a_fresh_install_gets_what_the_deepspeed_plugin_reads():
+    """Accelerate's DeepSpeed plugin reads the installed transformers version on every launch: the package
+    must declare it (so a fresh install has it), and the plugin's own check must pass with what is installed."""
+    import tomllib
+    from accelerate.utils import DeepSpeedPlugin
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.match(r"transformers\b", requirement) for requirement in declared)
+    DeepSpeedPlugin(zero_stage=2).set_deepspeed_weakref()  # raises PackageNotFoundError without transformers
 
 
+@pytest.mark.slow  # DeepSpeed launches
 def test_zero2_train_resume_exact_and_export(tmp_path, cache_dir):
     common = ["--config", "digits", f"data.cache_dir={cache_dir}", *FAST, "train.max_steps=4",
               "train.checkpoint_every=100", "train.image_every=0"]

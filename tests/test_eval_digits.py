@@ -12,12 +12,22 @@ import pytest
 import scipy.linalg
 import torch
 
-from data.bundled import digits_split, load_digits_images, load_digits_split, load_stacked_digits, write_bundled_shards
+from data.bundled import (
+    digits_split,
+    load_digits_images,
+    load_digits_split,
+    load_stacked_digits,
+    write_bundled_shards,
+)
 from data.shards import read_index
 from trainer.evaluation.digit_classifier import FEATURES, train_classifier
 from trainer.evaluation.modes import classify_channels, mode_statistics, stacked_labels
 from trainer.evaluation.ood import OOD_SETS, auroc, ood_sets
-from trainer.metrics.frechet import frechet_distance, frechet_distance_gaussians, sqrtm_psd
+from trainer.metrics.frechet import (
+    frechet_distance,
+    frechet_distance_gaussians,
+    sqrtm_psd,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,6 +162,7 @@ def test_ood_sets():
 # --- end to end -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fd_digits_end_to_end(tmp_path):
     """A tiny fd-digits run through the command line: trains the classifier, an NVAE and a VAEBM."""
     out = tmp_path / "fd.json"

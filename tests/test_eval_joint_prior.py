@@ -9,6 +9,8 @@ from conftest import run_script
 from trainer.errors import UserError
 from trainer.evaluation import joint_prior
 
+pytestmark = pytest.mark.slow  # an end-to-end experiment
+
 
 def parse(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

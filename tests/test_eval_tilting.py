@@ -17,7 +17,11 @@ from trainer.evaluation.tilting_metrics import (
     swiss_roll_log_prob,
     tilted_iwae,
 )
-from trainer.evaluation.toy_metrics import log_integral_on_grid, log_partition_from_base_samples, square_grid
+from trainer.evaluation.toy_metrics import (
+    log_integral_on_grid,
+    log_partition_from_base_samples,
+    square_grid,
+)
 
 
 def small_vae(latent_dim: int) -> MLPVAE:
@@ -79,6 +83,7 @@ def test_modes_covered_needs_a_share_of_the_samples():
     assert modes_covered(truth, points + 0.5, min_share=0.0) == 0  # halfway between modes: none is near
 
 
+@pytest.mark.slow
 def test_latent_tilting_end_to_end(tmp_path):
     out, run_dir = tmp_path / "tilting.json", tmp_path / "run"
     run_script("evaluate.py", "latent-tilting", "--quick", "--skip-digits", "--out", str(out), "--run-dir", str(run_dir),

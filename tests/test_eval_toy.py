@@ -81,6 +81,7 @@ def test_chunked_matches_one_pass():
     assert torch.equal(chunked(lambda t: t.sum(dim=1), x, block=10), x.sum(dim=1))
 
 
+@pytest.mark.slow
 def test_toy_likelihood_end_to_end(tmp_path):
     out, run_dir = tmp_path / "toy.json", tmp_path / "run"
     run_script("evaluate.py", "toy-likelihood", "--quick", "--out", str(out), "--run-dir", str(run_dir),

@@ -76,11 +76,14 @@ def digit_sets(tmp_path_factory) -> dict:
 # The converted weights.
 
 
+@pytest.mark.slow
 @needs_fid_helper
 def test_torch_fidelity_extractor_equals_the_torchscript_net(weights):
     """The extractor torch-fidelity builds from the converted file gives the TorchScript net's features:
     at 299×299 directly, and at 32×32 (digits) when the TorchScript net is fed torch-fidelity's resize."""
-    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+    from torch_fidelity.interpolate_compat_tensorflow import (
+        interpolate_bilinear_2d_like_tensorflow1x,
+    )
 
     net = load_torchscript(torchscript_path())
     extractor = load_extractor(weights, "cpu")
@@ -146,6 +149,7 @@ def evaluate_main(argv: list[str]) -> int:
     return module.main(argv)
 
 
+@pytest.mark.slow
 @needs_fid_helper
 def test_fid_command_matches_torch_fidelity_and_caches_the_reference(weights, digit_sets, tmp_path, monkeypatch):
     common = ["--ref", str(digit_sets["ref_shards"]), "--weights", str(weights), "--cache-dir", str(digit_sets["cache"]),
@@ -210,6 +214,7 @@ def test_a_weights_file_that_is_not_a_plain_state_dict_is_refused(tmp_path):
         check_weights(wrong)
 
 
+@pytest.mark.slow
 @needs_fid_helper
 def test_fid_of_an_inference_bundle_samples_it_like_sample_py(weights, digit_sets, nvae_run, tmp_path):
     from models import load_bundle
@@ -270,6 +275,7 @@ def test_image_sets_read_every_layout_in_order(tmp_path, digit_sets):
 # Inside training.
 
 
+@pytest.mark.slow
 @needs_fid_helper
 def test_fid_evaluator_scores_a_sampler_without_moving_the_rng(weights, digit_sets):
     evaluator = FidEvaluator(digit_sets["ref_shards"], weights, "cpu", batch_size=4,
@@ -311,6 +317,7 @@ def test_training_sample_functions_depend_on_the_sample_index_only(nvae_run):
     assert (moved - vae_images).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_fid_during_training_is_collective_and_logged(weights, digit_sets, nvae_run, cache_dir, tmp_path):
     """eval.fid_every in both trainers: the main process logs eval/fid and eval/kid rows at the interval."""
     fid_args = ["eval.fid_every=2", "eval.fid_samples=6", "eval.fid_batch_size=3", "eval.fid_kid_subset_size=3",

@@ -20,7 +20,13 @@ from models.energy import LAYOUTS, build_energy
 from models.nvae import ARCHITECTURES, NVAE
 from models.nvae.official import ours_only
 from trainer.errors import UserError, run_cli
-from trainer.official.ebm import adam_state, energy_config, find_layout, import_ebm, map_energy_state
+from trainer.official.ebm import (
+    adam_state,
+    energy_config,
+    find_layout,
+    import_ebm,
+    map_energy_state,
+)
 from trainer.official.nvae import map_nvae_state, nvae_config_from_args
 from trainer.run.checkpoint import Checkpoint, latest_checkpoint
 
@@ -130,6 +136,7 @@ def test_imported_runs_hold_ordinary_checkpoints(nvae_run, ebm_run):
 # Resuming: the pipeline of the issue, continued NVAE training, and resumes on other process counts.
 
 
+@pytest.mark.slow
 def test_import_train_export_sample(nvae_run, ebm_run, cache_dir, tmp_path):
     """train_vaebm.py --vae on the imported NVAE, resuming the imported energy run; export; sample."""
     run = tmp_path / "vaebm"
@@ -145,6 +152,7 @@ def test_import_train_export_sample(nvae_run, ebm_run, cache_dir, tmp_path):
     assert sorted(p.name for p in (tmp_path / "samples").glob("*.png")) == ["000000.png", "000001.png"]
 
 
+@pytest.mark.slow
 def test_nvae_training_continues_from_an_import(nvae_run, cache_dir, tmp_path):
     run = tmp_path / "nvae"
     shutil.copytree(nvae_run, run)

@@ -13,7 +13,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.langevin import BatchNoise, PerChainNoise, chain_seed, energy_on_generator, langevin
+from models.langevin import (
+    BatchNoise,
+    PerChainNoise,
+    chain_seed,
+    energy_on_generator,
+    langevin,
+)
 from trainer.bench.ebm import bench_langevin
 
 

@@ -6,7 +6,12 @@ import torch
 from conftest import run_script
 from safetensors.torch import load_file
 
-from models.adapters import JointPriorEnergy, LatentTiltEnergy, VAEBMEnergy, build_adapter
+from models.adapters import (
+    JointPriorEnergy,
+    LatentTiltEnergy,
+    VAEBMEnergy,
+    build_adapter,
+)
 from models.energy import EnergyNetConfig, MLPEnergy, build_energy
 from models.langevin import BatchNoise, langevin
 from models.latent_energy import LatentEnergy
@@ -121,6 +126,7 @@ def toy_vae(tmp_path_factory):
     ("vaebm", ["method=joint-prior", "energy.kind=latent", "energy.hidden=16", "energy.depth=1",
                "langevin.steps=4", "langevin.step_size=0.05", "langevin.sample_steps=4"]),
 ])
+@pytest.mark.slow
 def test_latent_method_trains_resumes_exactly_exports_and_samples(tmp_path, toy_vae, preset, extra):
     preset = "toy2d" if preset == "vaebm" else preset
     straight, paused = tmp_path / "straight", tmp_path / "paused"
@@ -185,6 +191,7 @@ def test_nvae_prior_log_prob_is_the_change_of_variables(tmp_path):
     torch.testing.assert_close(vae.prior_log_prob(z).detach(), expected, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_joint_finetune_trains_the_vae_resumes_exactly_and_exports_it(tmp_path, toy_vae):
     straight, paused = tmp_path / "straight", tmp_path / "paused"
 

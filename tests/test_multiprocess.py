@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from trainer.run.checkpoint import latest_checkpoint, read_torch
 
+pytestmark = pytest.mark.slow  # real multi-process launches
+
 # On a CPU-only machine `--multi_gpu` is what makes accelerate start one process per rank (torchrun);
 # the trainer then forms a gloo group.
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -136,7 +138,7 @@ def test_synchronized_batchnorm_kl_balancing_and_collective_grids(tmp_path):
     out = tmp_path / "sync.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "tests" / "multiprocess_sync_check.py"), str(out)]
+               str(ROOT / "tests" / "helpers" / "multiprocess_sync_check.py"), str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())

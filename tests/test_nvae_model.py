@@ -22,8 +22,8 @@ TINY = NVAEConfig(
     latents_per_group=4, cells_per_cond_enc=1, cells_per_cond_dec=1, num_flows=1,
 )
 
-# Whole-model parameter counts of the official VAEBM backbones (facts §5.1, research
-# official-state-dicts.json), with the numbers of spectrally regularized convs and BN layers.
+# Whole-model parameter counts of the official VAEBM backbones (tests/fixtures/official-state-dicts.json), with
+# the numbers of spectrally regularized convs and BN layers.
 OFFICIAL = {
     "cifar10": (130_744_004, 610, 364),
     "celeba64": (65_005_372, 330, 196),  # lsun_church64 is the same architecture (checked below)
@@ -114,14 +114,9 @@ def test_config_validation_names_the_field():
     assert get_architecture("celeba64").replace(ada_groups=True, groups_per_scale=20).groups_per_scale_decoder_order() == [5, 10, 20]
 
 
-def _fixture_dir() -> Path | None:
-    for base in (Path(__file__).parent / "fixtures", Path("/work/shared/fixtures")):
-        if (base / "official-format" / "official_nvae_checkpoint.pt").exists():
-            return base / "official-format"
-    return None
+FIXTURE = Path(__file__).parent / "fixtures" / "official-format"
 
 
-@pytest.mark.skipif(_fixture_dir() is None, reason="official-format fixture not present")
 def test_generative_path_reproduces_official_outputs():
     """Official weights (renamed) + the fixture's noise → the official z's and decoder outputs."""
     import argparse
@@ -130,7 +125,7 @@ def test_generative_path_reproduces_official_outputs():
 
     from models.nvae.official import official_to_ours
 
-    folder = _fixture_dir()
+    folder = FIXTURE
     with torch.serialization.safe_globals([argparse.Namespace]):
         checkpoint = torch.load(folder / "official_nvae_checkpoint.pt", weights_only=True)
     args = json.loads((folder / "fixture.json").read_text())["nvae_args"]
@@ -357,3 +352,45 @@ def test_gradient_checkpointing_is_equivalent():
     for key in stats_a:
         torch.testing.assert_close(stats_a[key], stats_b[key], atol=1e-6, rtol=1e-5, msg=key)
     assert counts_a == counts_b and all(int(v) == 1 for v in counts_b.values())  # updated once, not twice
+
+
+def test_readjusted_statistics_are_those_of_samples_at_the_temperature():
+    """After `readjust_bn(t)`, each generative BN layer's running mean and variance are the statistics of its
+    inputs when the model samples at t (VAEBM App. E), measured here on one large batch; at another
+    temperature the inputs' statistics differ, so the check tells temperatures apart."""
+    model = _tiny()
+    _randomize_bn(model)
+    layers = dict(model.bn_layers(generative_only=True))
+
+    def input_statistics(temperature: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        seen, hooks = {}, []
+        for name, layer in layers.items():
+            def record(module, inputs, output, name=name):
+                x = inputs[0].transpose(0, 1).flatten(1)
+                seen[name] = (x.mean(1), x.var(1))
+            hooks.append(layer.register_forward_hook(record))
+        model.eval()
+        for layer in layers.values():
+            layer.train()  # normalize with batch statistics, as the readjustment's passes do
+        with torch.no_grad():
+            model.sample(1024, temperature=temperature, generator=torch.Generator().manual_seed(7))
+        for hook in hooks:
+            hook.remove()
+        model.eval()
+        return seen
+
+    saved = model.bn_statistics()
+    with model.temperature_statistics(0.5, passes=200, batch_size=16, generator=torch.Generator().manual_seed(0)):
+        readjusted = model.bn_statistics()
+    model.load_bn_statistics(saved)
+    target, other = input_statistics(0.5), input_statistics(1.0)
+    model.load_bn_statistics(saved)
+
+    def worst_var_ratio(stats) -> float:
+        ratios = [(readjusted[f"{name}.running_var"] / var).log().abs().max() for name, (_, var) in stats.items()]
+        return float(torch.stack(ratios).max().exp())
+
+    for name, (mean, var) in target.items():
+        assert (readjusted[f"{name}.running_mean"] - mean).abs().max() < 0.15 * var.sqrt().max(), name
+    assert worst_var_ratio(target) < 1.3
+    assert worst_var_ratio(other) > 1.5

@@ -311,6 +311,7 @@ def test_training_chains_and_bundle_sampler_keep_the_component():
 # (f) Through the project's scripts.
 
 
+@pytest.mark.slow
 def test_train_resume_and_export(tmp_path, cache_dir):
     import models
     from trainer.export import export_run

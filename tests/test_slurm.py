@@ -23,6 +23,8 @@ import torch
 from conftest import ROOT
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # a real Slurm cluster on loopback
+
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
 SMALL = ["train.per_device_batch_size=8", "train.global_batch_size=8", "data.num_workers=1",
          "train.progress_bar=false", "train.image_every=0", "train.log_every=1", "train.checkpoint_every=100"]

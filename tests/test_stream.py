@@ -43,11 +43,12 @@ def take(stream: TrainStream, n: int) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_two_workers_under_torchrun_read_every_key_once(digits, tmp_path):
     out = tmp_path / "keys.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(REPO / "tests" / "stream_worker_keys.py"), str(digits), str(out)]
+               str(REPO / "tests" / "helpers" / "stream_worker_keys.py"), str(digits), str(out)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     gathered = json.loads(out.read_text())

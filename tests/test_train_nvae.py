@@ -1,6 +1,7 @@
 """NVAE training end to end: run directory layout, resume by re-running, exact resume, learning."""
 import json
 
+import pytest
 import torch
 from conftest import FAST, run_script
 from safetensors.torch import load_file
@@ -11,6 +12,7 @@ ACCELERATE = ["accelerate", "launch", "--num_processes", "1", "--num_machines", 
               "--dynamo_backend", "no"]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_writes_run_and_resumes(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     common = ["--config", "digits", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}", *FAST,
@@ -41,6 +43,7 @@ def _final_state(run_dir):
             optimizer["state"])
 
 
+@pytest.mark.slow
 def test_resumed_run_equals_uninterrupted_run(tmp_path, cache_dir):
     """CPU fp32: stopping at step 3 and re-running gives bit-identical weights, EMA and optimizer at step 6."""
     common = ["--config", "digits", f"data.cache_dir={cache_dir}", *FAST, "train.max_steps=6",
@@ -60,6 +63,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, cache_dir):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(paused[2][index][name])), (index, name)
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_digits(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     run_script("train_nvae.py", "--config", "digits", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}",

@@ -23,6 +23,7 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_vaebm_run_layout_and_resume_with_buffer(tmp_path, nvae_run, cache_dir):
     run_dir = tmp_path / "run"
     run_script("train_vaebm.py", *vaebm_args(run_dir, nvae_run, cache_dir, "train.max_steps=3", "train.image_every=3"))
@@ -39,6 +40,7 @@ def test_vaebm_run_layout_and_resume_with_buffer(tmp_path, nvae_run, cache_dir):
     assert rows(run_dir)[-1]["step"] == 5 and rows(run_dir)[-1]["replay_fill"] == 5 * 8  # the buffer carried over
 
 
+@pytest.mark.slow
 def test_vaebm_resume_is_exact(tmp_path, nvae_run, cache_dir):
     common = ["train.max_steps=4", "train.checkpoint_every=100"]
     run_script("train_vaebm.py", *vaebm_args(tmp_path / "straight", nvae_run, cache_dir, *common))
@@ -62,11 +64,12 @@ def identical(a, b) -> bool:
     return a == b
 
 
+@pytest.mark.slow
 def test_injected_explosion_is_detected_and_not_resumed(tmp_path, nvae_run, cache_dir):
     run_dir = tmp_path / "run"
     args = vaebm_args(run_dir, nvae_run, cache_dir, "train.max_steps=12", "train.checkpoint_every=2",
                       "divergence.patience=2", "divergence.max_abs_energy=1e4")
-    result = run_script("../tests/explode_vaebm.py", *args, launcher=[sys.executable])
+    result = run_script("../tests/helpers/explode_vaebm.py", *args, launcher=[sys.executable])
     assert "training diverged at step 6" in result.stderr and "|energy|" in result.stderr
     marker = json.loads((run_dir / "DIVERGED.json").read_text())
     assert marker["onset"] == 5 and marker["step"] == 6
@@ -113,6 +116,7 @@ def test_clip_to_adam_rms_matches_formula():
     assert fraction == pytest.approx(float((grad.abs() > bound).float().mean()))
 
 
+@pytest.mark.slow
 def test_toy2d_pipeline_mlp_vae_then_vaebm(tmp_path):
     """The 2-D presets: the MLP VAE on 25-Gaussians, then an MLP energy on it; resume works the same way."""
     vae_dir, ebm_dir = tmp_path / "vae", tmp_path / "ebm"

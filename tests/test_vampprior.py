@@ -185,6 +185,7 @@ def test_active_units_statistic_and_config_errors():
 # Through the project's scripts.
 
 
+@pytest.mark.slow
 def test_train_resume_export_and_sample(tmp_path, cache_dir):
     import models
 
@@ -216,6 +217,7 @@ def test_train_resume_export_and_sample(tmp_path, cache_dir):
     assert torch.equal(images, sampler.sample(6, seed=0, steps=0, batch_size=4))  # image i depends on (seed, i)
 
 
+@pytest.mark.slow
 def test_evaluate_vampprior_end_to_end(tmp_path, cache_dir):
     out = tmp_path / "vampprior.json"
     run_script("evaluate.py", "vampprior", "--out", str(out), "--run-dir", str(tmp_path / "eval"), "--steps", "2",

@@ -1,7 +1,7 @@
 """Helper for tests/test_stream.py, run under torchrun: every rank reads one epoch of TrainStream
 (2 DataLoader workers), the keys are gathered over gloo, and rank 0 writes them as JSON.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/stream_worker_keys.py SHARDS OUT.json
+    python -m torch.distributed.run --nproc_per_node 2 tests/helpers/stream_worker_keys.py SHARDS OUT.json
 """
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from data.stream import TrainStream  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Test driver: train_vaebm.py with the energy network's output scaled by 1e6 after its 4th loss pass.
 
-Usage: python tests/explode_vaebm.py [train_vaebm.py arguments]. Loss passes are recognized by their
+Usage: python tests/helpers/explode_vaebm.py [train_vaebm.py arguments]. Loss passes are recognized by their
 batch (positives and negatives concatenated: 2 × per-device batch); Langevin passes are not scaled.
 """
 import runpy
@@ -21,6 +21,6 @@ def exploding_forward(self, x):
 
 
 energy_module.ConvEnergy.forward = exploding_forward
-script = Path(__file__).resolve().parents[1] / "scripts" / "train_vaebm.py"
+script = Path(__file__).resolve().parents[2] / "scripts" / "train_vaebm.py"
 sys.argv = [str(script), *sys.argv[1:]]
 runpy.run_path(str(script), run_name="__main__")

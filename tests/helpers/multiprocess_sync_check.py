@@ -3,7 +3,7 @@ make a multi-process step match one process holding the whole global batch. Each
 [rank·4, rank·4 + 4) of a global batch of 8; rank 0 writes the largest differences from the
 1-process computation (relative to its largest value) as JSON.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/multiprocess_sync_check.py OUT.json
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/helpers/multiprocess_sync_check.py OUT.json
 """
 import copy
 import json
@@ -15,13 +15,18 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from accelerate import Accelerator  # noqa: E402
 
 from models.layers import Conv2d  # noqa: E402
 from models.nvae.cells import BatchNorm2d, run_cell, set_batchnorm_sync  # noqa: E402
 from trainer.nvae.objective import balanced_kl  # noqa: E402
-from trainer.run.collective import BatchRows, collective_rows, mean_across_processes, sliced_noise  # noqa: E402
+from trainer.run.collective import (  # noqa: E402
+    BatchRows,
+    collective_rows,
+    mean_across_processes,
+    sliced_noise,
+)
 
 GLOBAL_BATCH = 8
 
