@@ -10,6 +10,7 @@ from models.energy import LAYOUTS, EnergyNetConfig
 from trainer.config.common import DataConfig, EvalConfig, TrainConfig
 
 LANGEVIN_AUTOCAST = ("no", "bf16")
+NEGATIVES = ("langevin", "resample")
 
 
 @dataclass
@@ -59,10 +60,18 @@ class LangevinConfig:
     use_mu_cd: bool = False          # negatives = decoder mean instead of a decoder sample
     autocast: str = "no"             # bf16: generator and energy forward passes in bf16, ε stays fp32
     sample_steps: int = 16           # test-time Langevin steps (exported to bundles)
+    negatives: str = "langevin"      # langevin: the chains above. resample: EXACT draws from the model (importance
+                                     # resampling of `resample_pool` fresh VAE samples by exp(−E)), a reference
+                                     # trainer for 2-D toys that shows what the objective reaches without a sampler
+    resample_pool: int = 16384       # VAE samples per resampled batch (negatives: resample)
 
     def validate(self) -> None:
         if self.steps < 1 or self.sample_steps < 0:
             raise ValueError("steps must be >= 1 and sample_steps >= 0")
+        if self.negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got '{self.negatives}'")
+        if self.resample_pool < 1:
+            raise ValueError(f"resample_pool must be >= 1, got {self.resample_pool}")
         if self.step_size <= 0:
             raise ValueError(f"step_size must be > 0, got {self.step_size}")
         if self.autocast not in LANGEVIN_AUTOCAST:
@@ -119,3 +128,6 @@ class VAEBMTrainingConfig:
             raise ValueError(f"energy.layout must be one of {', '.join(sorted(LAYOUTS))}, got '{self.energy.layout}'")
         if self.data_init_batches < 1:
             raise ValueError("data_init_batches must be >= 1")
+        if self.langevin.negatives == "resample" and not (self.data.is_toy and self.method == "vaebm"):
+            raise ValueError("langevin.negatives=resample (exact negatives by importance resampling) is a reference "
+                             "for VAEBM on 2-D toy data only: in images the pool it needs is astronomically large")

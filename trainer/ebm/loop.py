@@ -251,6 +251,8 @@ def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: i
     """
     device = generator.device
     rows = rows or BatchRows(0, batch, batch)
+    if langevin_cfg.negatives == "resample":
+        return resampled_negatives(adapter, batch, langevin_cfg.resample_pool, generator)
     if buffer is not None:  # per-process entries: these chains depend on the number of processes
         eps_z, _ = buffer.draw(batch, p, generator, device)
         noise = adapter.chain_noise(eps_z, generator)
@@ -261,6 +263,22 @@ def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: i
     with torch.no_grad():
         negatives = adapter.negatives(chains.noise, use_mean=langevin_cfg.use_mu_cd)
     return chains, negatives
+
+
+@torch.no_grad()
+def resampled_negatives(adapter: NoiseEnergy, batch: int, pool: int, generator: torch.Generator):
+    """Exact negatives for 2-D toys (`langevin.negatives: resample`): `batch` draws from h ∝ p_vae·exp(−E), by
+    importance resampling `pool` fresh VAE samples with weights exp(−E(x)) (self-normalized; exact as the pool
+    grows). Returns (a `LangevinResult` holding the chosen noise, no steps taken, and the chosen negatives)."""
+    device = generator.device
+    noise = adapter.initial_noise(pool, generator, device)
+    candidates = adapter.negatives(noise)
+    energies = adapter.energy(candidates).float()
+    chosen = torch.multinomial(torch.softmax(-energies, 0), batch, replacement=True, generator=generator)
+    picked = [n[chosen] for n in noise]
+    result = LangevinResult(noise=picked, grad_norm=torch.zeros(1), noise_norm=torch.zeros(1),
+                            energy=energies[chosen].mean().reshape(1).cpu())
+    return result, candidates[chosen]
 
 
 def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | None, progress: Progress,

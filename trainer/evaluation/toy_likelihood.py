@@ -1,23 +1,28 @@
 """toy-likelihood: exact test log-likelihoods of a VAE and of VAEBM on 25-Gaussians (VAEBM §5.4).
 
-    python scripts/evaluate.py toy-likelihood --quick --out toy.json --run-dir runs/eval/toy
+    python scripts/evaluate.py toy-likelihood [--quick] --out toy.json --run-dir runs/eval/toy
 
-1. Train the MLP VAE (preset nvae/toy2d: encoder and decoder 4 × 256, 20-d latent) with the NVAE
-   trainer, then an energy MLP (preset vaebm/toy2d: 4 × 256) on it with the VAEBM trainer.
+Per seed (full mode: 3 seeds, --seed, --seed+1, --seed+2; quick: 1):
+1. Train the MLP VAE (preset nvae/toy2d: encoder and decoder 4 × 256, 20-d latent) with the NVAE trainer, then
+   two energy MLPs on it (preset vaebm/toy2d: 4 × 256) with the VAEBM trainer: one with the project's Langevin
+   sampler in ε-space (the method), and a reference with exact negatives (`langevin.negatives=resample`:
+   importance resampling of VAE samples by exp(−E), possible in 2-D only). The reference shows what the
+   objective reaches, so any gap between the sampler and the objective is visible on every run.
 2. On held-out points from the true mixture, per sample, in nats:
-   - true_ll   the exact log-density of the mixture (true_ll_expected: its analytic expectation);
-   - vae_ll    log p_vae(x) by importance weighting (IWAE) with --iwae-samples posterior samples;
-   - vaebm_ll  log p_vae(x) − E(x) − log Z, with the same IWAE estimate of log p_vae(x) and
-               log Z = log E_{x~p_vae}[exp(−E(x))] by Monte Carlo over --log-z-samples VAE samples
-               (log_z, its delta-method log_z_stderr and the effective sample size log_z_ess).
-   As a cross-check, Z is also integrated numerically over a grid (log_z_grid, from IWAE on the grid
-   points), with the VAE's own mass on that grid (vae_log_mass_grid, ≈ 0 when grid and IWAE are good).
-3. Density images (PNG and TensorBoard, with --run-dir) of samples from the truth, the VAE, VAEBM by
-   Langevin in ε-space (the project's sampler, the preset's test-time steps) and VAEBM by resampling
-   the VAE samples with weights exp(−E) (the trained density itself, free of Langevin's bias).
+   - true_ll              the exact log-density of the mixture (true_ll_expected: its analytic expectation);
+   - vae_ll               log p_vae(x) by importance weighting (IWAE) with --iwae-samples posterior samples;
+   - vaebm_ll             log p_vae(x) − E(x) − log Z, with log Z = log E_{x~p_vae}[exp(−E(x))] by Monte Carlo
+                          over --log-z-samples VAE samples (log_z, its delta-method log_z_stderr and the
+                          effective sample size log_z_ess);
+   - vaebm_ll_grid        the same with log Z integrated on a grid (log_z_grid; IWAE at every cell centre);
+   - vaebm_reference_ll   vaebm_ll of the reference energy (and reference_log_z*, vaebm_reference_ll_grid).
+3. Density images (PNG and TensorBoard, with --run-dir; first seed) of samples from the truth, the VAE, VAEBM by
+   Langevin in ε-space (the preset's test-time steps) and VAEBM by resampling the VAE samples with weights
+   exp(−E) (the trained density itself, free of Langevin's bias): the paper's Figure 4.
 
-Paper: VAE −2.97, VAEBM −1.50, true −1.10 nats (100,000 test points, 10,000 IWAE samples). With
---run-dir, re-running reuses (resumes) the trained models there; use a new folder when changing settings.
+The JSON holds the means over seeds of every per-seed value, with `<key>_seed_stderr` (standard error across
+seeds) when there are several, and `per_seed`, each seed's full results. Paper: VAE −2.97, VAEBM −1.50, true
+−1.10 nats (100,000 test points, 10,000 IWAE samples). With --run-dir, re-running reuses the trained models.
 """
 from __future__ import annotations
 
@@ -57,12 +62,13 @@ class Settings:
     grid_extent: float             # the grid covers [−extent, extent]²
     grid_iwae_samples: int         # posterior samples per grid point
     plot_points: int               # samples per density image (and per sample-quality figure)
+    seeds: int                     # seeds --seed, --seed+1, ... (each trains its own VAE and energies)
 
 
 FULL = Settings(vae_steps=None, ebm_steps=None, test_points=10_000, iwae_samples=2_000, log_z_samples=1_000_000,
-                grid_step=0.025, grid_extent=3.5, grid_iwae_samples=200, plot_points=20_000)
+                grid_step=0.025, grid_extent=3.5, grid_iwae_samples=200, plot_points=20_000, seeds=3)
 QUICK = Settings(vae_steps=None, ebm_steps=None, test_points=2_000, iwae_samples=500, log_z_samples=200_000,
-                 grid_step=0.05, grid_extent=3.5, grid_iwae_samples=50, plot_points=5_000)
+                 grid_step=0.05, grid_extent=3.5, grid_iwae_samples=50, plot_points=5_000, seeds=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,88 +88,138 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_settings(args: argparse.Namespace) -> Settings:
     settings = replace(QUICK if args.quick else FULL,
                        **{f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None})
-    for name in ("test_points", "iwae_samples", "log_z_samples", "grid_iwae_samples", "plot_points"):
+    for name in ("test_points", "iwae_samples", "log_z_samples", "grid_iwae_samples", "plot_points", "seeds"):
         if getattr(settings, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
     for name in ("vae_steps", "ebm_steps"):
         if getattr(settings, name) is not None and getattr(settings, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
-    if settings.grid_step < 0 or settings.grid_extent <= 0:
-        raise UserError(f"--grid-step must be >= 0 and --grid-extent > 0, got {settings.grid_step}, {settings.grid_extent}")
+    if settings.grid_step <= 0 or settings.grid_extent <= 0:
+        raise UserError(f"--grid-step and --grid-extent must be > 0, got {settings.grid_step}, {settings.grid_extent}")
     return settings
 
 
 def run(args: argparse.Namespace, report) -> dict:
     settings = resolve_settings(args)
-    truth = Gaussians25()
-    generator = torch.Generator().manual_seed(derive_seed(args.seed, "toy-likelihood-eval"))
-    results: dict = {}
+    seeds = [args.seed + k for k in range(settings.seeds)]
+    per_seed = [evaluate_seed(seed, settings, args, report, figures=(seed == seeds[0])) for seed in seeds]
+    results = summarize(per_seed)
+    results.update(seeds=seeds, per_seed=per_seed, test_points=settings.test_points, iwae_samples=settings.iwae_samples,
+                   log_z_samples=settings.log_z_samples, **PAPER)
+    verdict = "beats" if results["vaebm_ll"] > results["vae_ll"] else "does NOT beat"
+    report.log(f"{len(seeds)} seed(s): true {results['true_ll']:.3f}, VAE {results['vae_ll']:.3f}, VAEBM (Langevin) "
+               f"{results['vaebm_ll']:.3f}, VAEBM (exact negatives, reference) {results['vaebm_reference_ll']:.3f} nats: "
+               f"VAEBM {verdict} the VAE")
+    return results
 
-    vae_dir, ebm_dir, timings = train_models(report, args.seed, settings, args.vae_override, args.ebm_override)
-    results.update(timings)
 
+# Per-seed values averaged in the summary (each with <key>_seed_stderr across seeds when there are several).
+SUMMARY_KEYS = ("true_ll", "vae_ll", "vaebm_ll", "vaebm_ll_grid", "vaebm_reference_ll", "vaebm_reference_ll_grid",
+                "vaebm_gain", "log_z", "log_z_grid", "log_z_ess", "reference_log_z", "reference_log_z_grid",
+                "vae_near_mode", "vaebm_langevin_near_mode", "vaebm_resampled_near_mode", "true_near_mode")
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Means over seeds of the per-seed values; with several seeds, their standard errors (`*_seed_stderr`).
+    With one seed the per-point standard errors of that seed are kept (`*_stderr`)."""
+    results = {}
+    for key in SUMMARY_KEYS:
+        values = torch.tensor([row[key] for row in per_seed if key in row], dtype=torch.float64)
+        if len(values) == 0:
+            continue
+        results[key] = float(values.mean())
+        if len(values) > 1:
+            results[f"{key}_seed_stderr"] = float(values.std(unbiased=True) / math.sqrt(len(values)))
+    if len(per_seed) == 1:
+        results.update({k: v for k, v in per_seed[0].items() if k.endswith("_stderr")})
+    results["train_seconds"] = round(sum(row["vae_train_seconds"] + row["ebm_train_seconds"]
+                                         + row["reference_train_seconds"] for row in per_seed), 1)
+    return results
+
+
+def evaluate_seed(seed: int, settings: Settings, args: argparse.Namespace, report, figures: bool) -> dict:
+    """Train the VAE, the energy with Langevin negatives and the reference energy with exact negatives for one
+    seed, and measure all of them on the same held-out points."""
     from trainer.ebm.sources import load_frozen_vae, load_trained_energy
 
+    truth = Gaussians25()
+    generator = torch.Generator().manual_seed(derive_seed(seed, "toy-likelihood-eval"))
+    vae_dir, ebm_dir, reference_dir, results = train_models(report, seed, settings, args.vae_override,
+                                                            args.ebm_override)
     vae, _ = load_frozen_vae(vae_dir, "ema", "cpu")
     energy = load_trained_energy(ebm_dir, "cpu")
+    reference = load_trained_energy(reference_dir, "cpu")
     started = time.perf_counter()
 
     # Held-out test points: exact, IWAE and energy-corrected log-likelihoods of the same points.
-    test = truth.sample(settings.test_points, torch.Generator().manual_seed(derive_seed(args.seed, "toy-test")))
-    report.log(f"IWAE log p_vae on {settings.test_points} test points x {settings.iwae_samples} samples")
+    test = truth.sample(settings.test_points, torch.Generator().manual_seed(derive_seed(seed, "toy-test")))
+    report.log(f"seed {seed}: IWAE log p_vae on {settings.test_points} test points x {settings.iwae_samples} samples")
     log_p_true = truth.log_prob(test.double())
     log_p_vae = iwae(vae, test, settings.iwae_samples, generator)
     few = max(1, settings.iwae_samples // 10)
-    log_p_vae_few = iwae(vae, test, few, generator)
-    energy_test = chunked(energy, test, 65_536).double()
+    results.update(vae_ll_few_samples=float(iwae(vae, test, few, generator).mean()), iwae_few_samples=few)
+    for key, values in (("true_ll", log_p_true), ("vae_ll", log_p_vae)):
+        results[key], results[f"{key}_stderr"] = mean_and_stderr(values)
 
-    report.log(f"log Z by Monte Carlo over {settings.log_z_samples} VAE samples")
-    vae_points, vae_energies = vae_samples_and_energies(vae, energy, settings.log_z_samples, generator)
-    log_z = log_partition_from_base_samples(vae_energies)
-    vaebm_per_point = log_p_vae - energy_test - log_z.value
-    gain = -energy_test - log_z.value  # vaebm_ll − vae_ll, point by point: free of the IWAE error
-
-    for key, values in (("true_ll", log_p_true), ("vae_ll", log_p_vae), ("vaebm_ll", vaebm_per_point),
-                        ("vaebm_gain", gain)):
-        mean, stderr = mean_and_stderr(values)
-        results[key], results[f"{key}_stderr"] = mean, stderr
-    results["vaebm_gain_stderr"] = math.hypot(results["vaebm_gain_stderr"], log_z.stderr)
-    results.update(log_z=log_z.value, log_z_stderr=log_z.stderr, log_z_ess=log_z.ess,
-                   log_z_method="monte carlo over VAE samples", true_ll_expected=truth.expected_log_prob(),
-                   vae_ll_few_samples=float(log_p_vae_few.double().mean()), iwae_few_samples=few,
-                   mean_energy_test=float(energy_test.mean()))
-
-    if settings.grid_step > 0:
-        results.update(grid_cross_check(vae, energy, settings, generator, vae_points, vae_energies, report))
-        results["vaebm_ll_grid"] = float((log_p_vae - energy_test).mean()) - results["log_z_grid"]
-
-    results.update(sample_figures(truth, vae, energy, vae_points, vae_energies, ebm_dir, settings, args, generator, report))
+    report.log(f"seed {seed}: log Z by Monte Carlo over {settings.log_z_samples} VAE samples and on a grid")
+    vae_points = vae_samples(vae, settings.log_z_samples, generator)
+    grid, cell_area = square_grid(settings.grid_extent, settings.grid_step)
+    log_p_grid = iwae(vae, grid, settings.grid_iwae_samples, generator)
+    results.update(vae_log_mass_grid=log_integral_on_grid(log_p_grid, cell_area), grid_cells=len(grid),
+                   vae_mass_outside_grid=float((vae_points.abs() > settings.grid_extent).any(dim=1).double().mean()))
+    for prefix, net in (("", energy), ("reference_", reference)):
+        name = "vaebm_reference" if prefix else "vaebm"
+        energy_test = chunked(net, test, 65_536).double()
+        vae_energies = chunked(net, vae_points, 65_536).double()
+        log_z = log_partition_from_base_samples(vae_energies)
+        log_z_grid = log_integral_on_grid(log_p_grid - chunked(net, grid, 65_536).double(), cell_area)
+        results[f"{name}_ll"], results[f"{name}_ll_stderr"] = mean_and_stderr(log_p_vae - energy_test - log_z.value)
+        results[f"{name}_ll_grid"] = float((log_p_vae - energy_test).mean()) - log_z_grid
+        results.update({f"{prefix}log_z": log_z.value, f"{prefix}log_z_stderr": log_z.stderr,
+                        f"{prefix}log_z_ess": log_z.ess, f"{prefix}log_z_grid": log_z_grid})
+        if not prefix:
+            gain = -energy_test - log_z.value  # vaebm_ll − vae_ll point by point: free of the IWAE error
+            results["vaebm_gain"], gain_stderr = mean_and_stderr(gain)
+            results["vaebm_gain_stderr"] = math.hypot(gain_stderr, log_z.stderr)
+            results["mean_energy_test"] = float(energy_test.mean())
+            weights = torch.softmax(-vae_energies, 0)
+            results["vaebm_mass_outside_grid"] = float(weights[(vae_points.abs() > settings.grid_extent).any(1)].sum())
+    results.update(sample_figures(truth, vae, energy, vae_points, ebm_dir, settings, args, seed, generator, report,
+                                  figures))
     results["eval_seconds"] = round(time.perf_counter() - started, 1)
-    results.update(test_points=settings.test_points, iwae_samples=settings.iwae_samples,
-                   log_z_samples=settings.log_z_samples, **PAPER)
-    verdict = "beats" if results["vaebm_ll"] > results["vae_ll"] else "does NOT beat"
-    report.log(f"true {results['true_ll']:.3f}, VAE {results['vae_ll']:.3f}, VAEBM {results['vaebm_ll']:.3f} nats "
-               f"(log Z {log_z.value:.4f} ± {log_z.stderr:.4f}): VAEBM {verdict} the VAE")
-    return results
+    report.log(f"seed {seed}: true {results['true_ll']:.3f}, VAE {results['vae_ll']:.3f}, VAEBM {results['vaebm_ll']:.3f} "
+               f"(log Z {results['log_z']:.3f} ± {results['log_z_stderr']:.3f}, grid {results['log_z_grid']:.3f}, "
+               f"ESS {results['log_z_ess']:.0f}), reference {results['vaebm_reference_ll']:.3f} nats")
+    return {"seed": seed, **results}
 
 
 # ----------------------------------------------------------------------------------------------
 # Training through the project's trainers (`train_models`: presets + dotted overrides, as the scripts do).
 
 
-def train_models(report, seed: int, settings: Settings, vae_overrides: list[str], ebm_overrides: list[str]) -> tuple[Path, Path, dict]:
-    """Train the MLP VAE, then the energy on it; (VAE run, energy run, timings). A diverged energy is an error."""
+def train_models(report, seed: int, settings: Settings, vae_overrides: list[str],
+                 ebm_overrides: list[str]) -> tuple[Path, Path, Path, dict]:
+    """Train the MLP VAE, then on it the energy with the preset's Langevin negatives and a reference energy with
+    exact negatives (`langevin.negatives=resample`, otherwise the same settings); (VAE run, energy run,
+    reference run, timings). A diverged energy is an error."""
     from trainer.evaluation.train_models import train_nvae_run, train_vaebm_run
 
     models_dir = report.work_dir("models")
     common = [f"train.seed={seed}"]
-    started = time.perf_counter()
+    clock = [time.perf_counter()]
+
+    def lap() -> float:
+        clock.append(time.perf_counter())
+        return round(clock[-1] - clock[-2], 1)
+
     vae_run = train_nvae_run("toy2d", [*common, *_steps(settings.vae_steps), *vae_overrides], models_dir, report.log)
-    middle = time.perf_counter()
-    ebm_run = train_vaebm_run("toy2d", vae_run, [*common, *_steps(settings.ebm_steps), *ebm_overrides], models_dir,
-                              report.log)
-    timings = {"vae_train_seconds": round(middle - started, 1), "ebm_train_seconds": round(time.perf_counter() - middle, 1)}
-    return vae_run, ebm_run, timings
+    timings = {"vae_train_seconds": lap()}
+    energy = [*common, *_steps(settings.ebm_steps), *ebm_overrides]
+    ebm_run = train_vaebm_run("toy2d", vae_run, energy, models_dir, report.log)
+    timings["ebm_train_seconds"] = lap()
+    reference_run = train_vaebm_run("toy2d", vae_run, [*energy, "langevin.negatives=resample"], models_dir, report.log)
+    timings["reference_train_seconds"] = lap()
+    return vae_run, ebm_run, reference_run, timings
 
 
 def _steps(steps: int | None) -> list[str]:
@@ -180,58 +236,39 @@ def iwae(vae, points: torch.Tensor, samples: int, generator: torch.Generator, bl
 
 
 @torch.no_grad()
-def vae_samples_and_energies(vae, energy, n: int, generator: torch.Generator,
-                             block: int = 65_536) -> tuple[torch.Tensor, torch.Tensor]:
-    """n samples of the VAE at temperature 1 (decoder samples) [n, 2] and their energies [n]."""
-    points, energies = [], []
-    for start in range(0, n, block):
-        x = vae.sample(min(block, n - start), generator=generator).x_sample
-        points.append(x)
-        energies.append(energy(x))
-    return torch.cat(points), torch.cat(energies)
+def vae_samples(vae, n: int, generator: torch.Generator, block: int = 65_536) -> torch.Tensor:
+    """n samples of the VAE at temperature 1 (decoder samples) [n, 2]."""
+    return torch.cat([vae.sample(min(block, n - start), generator=generator).x_sample for start in range(0, n, block)])
 
 
-def grid_cross_check(vae, energy, settings: Settings, generator, vae_points, vae_energies, report) -> dict:
-    """log Z and the VAE's log-mass by the midpoint rule over a square grid, with IWAE at every cell centre,
-    and the share of the VAE's (and VAEBM's) mass outside the grid, read off the Monte Carlo samples."""
-    grid, cell_area = square_grid(settings.grid_extent, settings.grid_step)
-    report.log(f"grid cross-check: {len(grid)} cells x {settings.grid_iwae_samples} IWAE samples")
-    log_p = iwae(vae, grid, settings.grid_iwae_samples, generator)
-    grid_energy = chunked(energy, grid, 65_536).double()
-    outside = (vae_points.abs() > settings.grid_extent).any(dim=1)
-    weights = torch.softmax(-vae_energies.double(), dim=0)
-    return {"log_z_grid": log_integral_on_grid(log_p - grid_energy, cell_area),
-            "vae_log_mass_grid": log_integral_on_grid(log_p, cell_area),
-            "vae_mass_outside_grid": float(outside.double().mean()),
-            "vaebm_mass_outside_grid": float(weights[outside].sum()),
-            "grid_cells": len(grid)}
-
-
-def sample_figures(truth, vae, energy, vae_points, vae_energies, ebm_dir: Path, settings: Settings, args,
-                   generator, report) -> dict:
-    """Samples of the truth, the VAE and VAEBM (Langevin, and exact resampling); their share near a mode."""
+def sample_figures(truth, vae, energy, vae_points, ebm_dir: Path, settings: Settings, args, seed: int, generator,
+                   report, figures: bool) -> dict:
+    """Samples of the truth, the VAE and VAEBM (Langevin in ε-space, and exact resampling of the VAE samples by
+    exp(−E)): their share near a mode, and (`figures`) their density images, the paper's Figure 4."""
     from trainer.config.loader import read_yaml
 
     n = settings.plot_points
     langevin_cfg = read_yaml(ebm_dir / "config.yaml")["langevin"]
     steps = args.langevin_steps if args.langevin_steps is not None else langevin_cfg["sample_steps"]
-    report.log(f"VAEBM samples: {n} chains x {steps} Langevin steps (step size {langevin_cfg['step_size']})")
+    report.log(f"seed {seed}: VAEBM samples, {n} chains x {steps} Langevin steps (step size {langevin_cfg['step_size']})")
+    with torch.no_grad():
+        weights = torch.softmax(-chunked(energy, vae_points, 65_536).double(), 0)
     samples = {
         "true": truth.sample(n, generator),
         "vae": vae_points[:n],
         "vaebm_langevin": vaebm_langevin_samples(vae, energy, n, steps, langevin_cfg["step_size"],
-                                                 derive_seed(args.seed, "toy-langevin")),
-        # Sampling-importance-resampling from the VAE with weights exp(−E): draws from the trained VAEBM density.
-        "vaebm_resampled": vae_points[torch.multinomial(torch.softmax(-vae_energies.double(), 0), n, True, generator=generator)],
+                                                 derive_seed(seed, "toy-langevin")),
+        "vaebm_resampled": vae_points[torch.multinomial(weights, n, True, generator=generator)],
     }
     results = {"langevin_sample_steps": steps}
     for name, points in samples.items():
-        report.scatter(f"samples_{name}", points, PLOT_EXTENT)
+        if figures:
+            report.scatter(f"samples_{name}", points, PLOT_EXTENT)
         results[f"{name}_near_mode"] = near_mode_fraction(truth, points)
     # How evenly each model spreads its mass over the 25 modes (0.04 each for the truth): an energy whose
     # wells have unequal depths loses likelihood on the shallow modes even when its samples look good.
-    for name, weights in (("vae", None), ("vaebm", torch.softmax(-vae_energies.double(), 0))):
-        shares = mode_shares(truth, vae_points, weights)
+    for name, w in (("vae", None), ("vaebm", weights)):
+        shares = mode_shares(truth, vae_points, w)
         results[f"{name}_mode_share_min"], results[f"{name}_mode_share_max"] = float(shares.min()), float(shares.max())
     return results
 
