@@ -208,12 +208,12 @@ def test_nvae_trained_over_http_and_resumed_equals_the_folder_run(tmp_path):
     resumed, remote shards cached on disk) end with bit-identical weights, EMA and optimizer state."""
     www = tmp_path / "www"
     folder = materialize_shards("digits", 32, www)
-    common = ["--config", "digits", *FAST, "train.max_steps=6", "train.checkpoint_every=100",
-              "train.image_every=0", "data.num_workers=2"]
-    run_script("train_nvae.py", "--run-dir", str(tmp_path / "folder"), "--data", str(folder), *common)
+    common = [*FAST, "train.max_steps=6", "train.checkpoint_every=100", "train.image_every=0", "data.num_workers=2"]
+    run_script("train_nvae.py", "--config", "digits", "--run-dir", str(tmp_path / "folder"), "--data", str(folder),
+               *common)
     with ShardServer(www) as server:
-        remote = ["--run-dir", str(tmp_path / "http"), "--data", server.url(folder.name + "/"),
-                  f"data.shard_cache={tmp_path / 'cache'}", *common]
+        remote = ["--config", "digits", "--run-dir", str(tmp_path / "http"), "--data", server.url(folder.name + "/"),
+                  *common, f"data.shard_cache={tmp_path / 'cache'}"]
         run_script("train_nvae.py", *remote, "train.halt_at_step=3")
         assert latest_checkpoint(tmp_path / "http").name == "step-0000003"
         result = run_script("train_nvae.py", *remote)

@@ -12,7 +12,7 @@ is biased upward against FID-50k: compare runs at the same `fid_samples`, never 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BUNDLED_DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "stacked-digits")
@@ -87,6 +87,10 @@ class TrainConfig:
     progress_bar: bool = True
     sync_bn: bool = True             # NVAE, several processes: BatchNorm statistics over the whole global batch
                                      # (one all-reduce per BN layer, as the official NVAE); false: per process
+    log_with: list[str] = field(default_factory=list)  # experiment trackers beside TensorBoard (always on):
+                                     # Accelerate's names, e.g. [mlflow] or [wandb], each configured by its own
+                                     # environment (MLFLOW_TRACKING_URI, WANDB_MODE, ...); README "Monitoring"
+    tracker_project: str = "vaebm-trainer"  # project / experiment name the trackers file the run under
 
     def validate(self) -> None:
         for name in ("max_steps", "global_batch_size", "per_device_batch_size", "log_every", "checkpoint_every"):
@@ -103,6 +107,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.image_every < 0 or self.halt_at_step < 0:
             raise ValueError("image_every and halt_at_step must be >= 0")
+        if "all" in self.log_with:
+            raise ValueError("log_with: name the trackers (e.g. [mlflow]); 'all' would start whatever is installed")
+        if self.log_with and not self.tracker_project:
+            raise ValueError("tracker_project must not be empty when log_with names trackers")
 
 
 @dataclass
