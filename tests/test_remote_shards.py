@@ -150,6 +150,25 @@ def test_bad_locations_are_user_errors(served, tmp_path):
         make_stream(ShardLocation(f"pipe:cat {folder}/shard-000000.tar", f"pipe:cat {tmp_path}/index.json"))
 
 
+def test_missing_curl_is_a_user_error(served, monkeypatch):
+    _, server = served
+    monkeypatch.setattr("data.sources.shutil.which", lambda name: None)
+    with pytest.raises(UserError, match="opens http:// URLs with curl, which is not installed"):
+        make_stream(server.url("digits-8/"))
+
+
+def test_remote_shard_set_as_fid_reference_reads_the_folder_images(served, tmp_path):
+    """In-training FID's default reference is the training data, wherever it lives."""
+    from trainer.metrics.image_sets import open_image_set
+
+    root, server = served
+    folder = open_image_set(root / "digits-8", max_images=300)
+    remote = open_image_set(shard_location(server.url("digits-8/"), cache_dir=str(tmp_path)), max_images=300)
+    assert remote.identity() == folder.identity()  # same content, same cached reference statistics
+    assert all(torch.equal(a, b) for a, b in zip(folder.batches(128), remote.batches(128), strict=True))
+    assert len(list(tmp_path.iterdir())) == 3  # 300 images: the first three shards were fetched
+
+
 def test_cache_fetches_each_shard_once_and_checks_its_digest(served, tmp_path):
     root, server = served
     index = json.loads((root / "digits-8" / "index.json").read_text())

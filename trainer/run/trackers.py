@@ -1,8 +1,8 @@
 """Experiment trackers beside TensorBoard (`train.log_with`): Accelerate's trackers, main process only.
 
-    train.log_with=[mlflow]      MLFLOW_TRACKING_URI=http://mlflow:5000 (or file:/path/mlruns with
+    train.log_with=mlflow        MLFLOW_TRACKING_URI=http://mlflow:5000 (or file:/path/mlruns with
                                  MLFLOW_ALLOW_FILE_STORE=true) accelerate launch scripts/train_nvae.py ...
-    train.log_with=[wandb]       WANDB_MODE=offline (or a logged-in account) ...
+    train.log_with=wandb         WANDB_MODE=offline (or a logged-in account) ...
 
 Each tracker gets the same scalars as TensorBoard under the same tags, at the same steps, and the image
 grids: through its `log_images` where Accelerate has one (wandb, aim, clearml, swanlab), as the PNG file
