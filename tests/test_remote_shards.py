@@ -2,7 +2,6 @@
 the shard cache, and shards that vanish or break off mid-read."""
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import shutil
@@ -17,11 +16,12 @@ from conftest import FAST, run_script
 from helpers.http_shards import ShardServer
 from PIL import Image
 from safetensors.torch import load_file
+from test_stream import make_stream, take  # the same stream settings as the folder tests
 
 from data.bundled import materialize_shards
 from data.shards import write_shards
 from data.sources import ShardLocation, shard_location
-from data.stream import EvalStream, TrainStream
+from data.stream import EvalStream
 from trainer.errors import UserError
 from trainer.run.checkpoint import latest_checkpoint, read_torch
 
@@ -37,19 +37,6 @@ def served(tmp_path_factory):
     materialize_shards("digits", 8, root)
     with ShardServer(root) as server:
         yield root, server
-
-
-def make_stream(shards, **overrides) -> TrainStream:
-    options = dict(batch_size=64, seed=7, rank=0, world_size=1, num_workers=2, image_size=8, hflip=True)
-    options.update(overrides)
-    return TrainStream(shards, **options)
-
-
-def take(stream: TrainStream, n: int) -> list[dict]:
-    batches = iter(stream)
-    out = list(itertools.islice(batches, n))
-    batches.close()
-    return out
 
 
 def assert_same_batches(expected: list[dict], got: list[dict]) -> None:
