@@ -80,15 +80,17 @@ def derive_seed(*parts) -> int:
 # --------------------------------------------------------------------------------------------
 
 def read_shard(path: str | Path, expected: int, image_ext: str, *, sha256: str | None = None,
-               cache_dir: str | None = None) -> Iterator[tuple]:
+               cache_dir: str | None = None, name: str | None = None) -> Iterator[tuple]:
     """Yield exactly `expected` raw samples from one shard, placeholders for unreadable ones.
 
     `path` is anything webdataset opens (a local path, a URL, a pipe: command; `data.sources`); with
-    `cache_dir` and the shard's `sha256`, a remote shard is read from its verified local copy. A shard that
+    `cache_dir` and the shard's `sha256`, a remote shard is read from its verified local copy. `name` (the
+    index entry's) names it in messages, default the last part of `path`. A shard that
     cannot be opened, ends early or is garbled loses only its own remaining samples: they come out as
     placeholders (image None); the first of them carries the message explaining why.
     """
-    url, name = str(path), _shard_label(str(path))
+    url = str(path)
+    name = name or url.rstrip("/").rsplit("/", 1)[-1]
     produced, problem = 0, None
     stream = None
     try:
@@ -116,11 +118,6 @@ def read_shard(path: str | Path, expected: int, image_ext: str, *, sha256: str |
         problem = problem or f"{name}: ended after {produced} of {expected} samples"
         for i in range(produced, expected):
             yield f"{Path(name).stem}-missing{i}", None, None, problem if i == produced else None
-
-
-def _shard_label(url: str) -> str:
-    """The shard's file name for messages (the last word of a pipe: command, the last part of a URL)."""
-    return url.split()[-1].rstrip("/").rsplit("/", 1)[-1] if url.strip() else url
 
 
 def _close_quietly(stream) -> None:
@@ -242,8 +239,8 @@ class _WorkerBatches(IterableDataset):
         random.Random(derive_seed(self.seed, "shards", epoch)).shuffle(order)
         mine = [self.shards[i] for i in order[g::self.world_size * self.workers]]
         raw = itertools.chain.from_iterable(
-            read_shard(s["url"], s["num_samples"], self.image_ext, sha256=s["sha256"], cache_dir=self.cache_dir)
-            for s in mine)
+            read_shard(s["url"], s["num_samples"], self.image_ext, sha256=s["sha256"], cache_dir=self.cache_dir,
+                       name=s["name"]) for s in mine)
         rng = random.Random(derive_seed(self.seed, "buffer", epoch, g))
         return sum(s["num_samples"] for s in mine), buffer_shuffle(raw, self.shuffle_buffer, rng)
 
@@ -488,7 +485,8 @@ class EvalStream:
         images, labels, keys = [], [], []
         for shard in self.my_shards:
             for key, payload, label, problem in read_shard(shard["url"], shard["num_samples"], self.index["format"],
-                                                           sha256=shard["sha256"], cache_dir=self.index["cache_dir"]):
+                                                           sha256=shard["sha256"], cache_dir=self.index["cache_dir"],
+                                                           name=shard["name"]):
                 try:
                     image = decode_image(payload, self.image_size) if payload is not None else None
                 except DECODE_ERRORS as err:

@@ -104,7 +104,7 @@ def test_http_prefix_streams_and_resumes_exactly_as_the_folder(served):
     assert_same_batches(expected, evaluated)
 
 
-def test_pipe_command_pattern_with_index(served):
+def test_pipe_command_pattern_with_index(served, tmp_path, caplog):
     root, server = served
     folder = root / "digits-8"
     location = shard_location(f"pipe:cat {folder}/shard-{{000000..000014}}.tar", str(folder / "index.json"))
@@ -114,6 +114,16 @@ def test_pipe_command_pattern_with_index(served):
     stream = make_stream(location, epochs=1, num_workers=2)
     keys = [key for batch in stream for key in batch["key"]]
     assert sorted(keys) == sorted(ALL_KEYS) and stream.skipped_samples == 0
+    # A command that fails for one shard: its samples are skipped, counted and named by the index entry.
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "shard-000003.tar").unlink()
+    failing = ShardLocation(f"pipe:cat {copy}/shard-{{000000..000014}}.tar 2>/dev/null", str(copy / "index.json"))
+    stream = make_stream(failing, epochs=1, num_workers=0, max_skip_fraction=0.5)
+    with caplog.at_level(logging.WARNING, logger="data.stream"):
+        keys = [key for batch in stream for key in batch["key"]]
+    assert ALL_KEYS - set(keys) == {f"{i:09d}" for i in range(384, 512)} and stream.skipped_samples == 128
+    assert "shard-000003.tar: unreadable after 0 of 128" in caplog.text
     # An http index with http shards named by a pattern.
     pattern = ShardLocation(server.url("digits-8/shard-{000000..000014}.tar"), server.url("digits-8/index.json"))
     assert_same_batches(expected, list(EvalStream(pattern, batch_size=400, rank=0, world_size=1, image_size=8)))

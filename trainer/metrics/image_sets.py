@@ -167,7 +167,8 @@ def _shard_set(path: Path | ShardLocation, max_images: int | None) -> ImageSet:
         images.skipped = 0
         for shard in index["shards"]:
             for _key, payload, _label, _problem in read_shard(shard["url"], shard["num_samples"], index["format"],
-                                                              sha256=shard["sha256"], cache_dir=index["cache_dir"]):
+                                                              sha256=shard["sha256"], cache_dir=index["cache_dir"],
+                                                              name=shard["name"]):
                 try:
                     image = decode_image(payload, index["size"]) if payload is not None else None
                 except DECODE_ERRORS:

@@ -57,7 +57,8 @@ class RunMonitor:
         self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     def stats(self, step: int, row: dict[str, float], tb_tags: dict[str, str] | None = None) -> None:
-        """One row of stats.jsonl and one TensorBoard scalar per value (tag from `tb_tags` or `train/<key>`)."""
+        """One row of stats.jsonl and one TensorBoard (and tracker) scalar per value (tag from `tb_tags` or
+        `train/<key>`)."""
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in row.items()}}
@@ -70,7 +71,7 @@ class RunMonitor:
         log_scalars(self.trackers, scalars, step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        """TensorBoard-only scalars under their full tags (e.g. `kl/group_03`)."""
+        """Scalars under their full tags (e.g. `kl/group_03`) to TensorBoard and the trackers, not stats.jsonl."""
         if self.enabled:
             values = {tag: _plain(value) for tag, value in values.items()}
             for tag, value in values.items():
@@ -78,7 +79,7 @@ class RunMonitor:
             log_scalars(self.trackers, values, step)
 
     def images(self, tag: str, images: torch.Tensor, step: int, ncol: int) -> None:
-        """A grid of [-1, 1] images to TensorBoard and to samples/<tag>-<step>.png."""
+        """A grid of [-1, 1] images to TensorBoard, samples/<tag>-<step>.png and the trackers."""
         if not self.enabled:
             return
         grid = make_grid(to_uint8(images), ncol)
