@@ -4,7 +4,8 @@
 
     shards/chq256                     a local folder with index.json and the shards (scripts/make_shards.py)
     http://host/chq256/               a URL prefix: http://host/chq256/index.json lists the shards beside it
-    'pipe:aws s3 cp s3://b/chq256/shard-{000000..000099}.tar -'   with data.index='pipe:aws s3 cp s3://b/chq256/index.json -'
+    'pipe:aws s3 cp s3://b/chq256/shard-{000000..000099}.tar -'
+        with data.index='pipe:aws s3 cp s3://b/chq256/index.json -'
                                       a brace pattern or pipe: command: one shard per expansion, in index
                                       order (each expansion must contain its shard's name); `data.index`
                                       names the index in any form below

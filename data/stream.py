@@ -111,7 +111,8 @@ def read_shard(path: str | Path, expected: int, image_ext: str, *, sha256: str |
                     image, problem_here = None, f"{name}: sample {key} has a bad .cls member"
             yield key, image, label, problem_here
     except (OSError, EOFError, tarfile.TarError, ValueError) as err:
-        problem = f"{name}: unreadable after {produced} of {expected} samples ({type(err).__name__}: {error_message(err)})"
+        problem = (f"{name}: unreadable after {produced} of {expected} samples "
+                   f"({type(err).__name__}: {error_message(err)})")
     finally:
         _close_quietly(stream)
     if produced < expected:

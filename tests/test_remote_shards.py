@@ -177,7 +177,8 @@ def test_cache_fetches_each_shard_once_and_checks_its_digest(served, tmp_path):
     for entry in index["shards"]:  # three epochs, one download each
         assert server.requests[f"/digits-8/{entry['name']}"] - before.get(f"/digits-8/{entry['name']}", 0) == 1
     assert sorted(p.name for p in cache.iterdir()) == sorted(f"{e['sha256']}.tar" for e in index["shards"])
-    assert (cache / f"{index['shards'][4]['sha256']}.tar").read_bytes() == (root / "digits-8" / "shard-000004.tar").read_bytes()
+    copy = cache / f"{index['shards'][4]['sha256']}.tar"
+    assert copy.read_bytes() == (root / "digits-8" / "shard-000004.tar").read_bytes()
 
     # A download that does not match the index is deleted and its samples skipped; the next epoch fetches again.
     fresh = tmp_path / "fresh"

@@ -19,7 +19,8 @@ from trainer.run.collective import collective_rows
 
 
 class TrainingFid:
-    def __init__(self, eval_cfg, reference: Path | ShardLocation, cache_dir: Path, accelerator, log: Callable[[str], None]):
+    def __init__(self, eval_cfg, reference: Path | ShardLocation, cache_dir: Path, accelerator,
+                 log: Callable[[str], None]):
         self.cfg, self.accelerator = eval_cfg, accelerator
         self.evaluator = None
         if accelerator.is_main_process:

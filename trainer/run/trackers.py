@@ -7,11 +7,13 @@
 Each tracker gets the same scalars as TensorBoard under the same tags, at the same steps, and the image
 grids: through its `log_images` where Accelerate has one (wandb, aim, clearml, swanlab), as the PNG file
 under the artifact folder `samples/` for MLflow, and not at all for the others (comet_ml, dvclive, trackio:
-scalars only). The resolved config goes in as hyperparameters (dotted keys) when a tracker run starts. `stats.jsonl` stays the record
-of truth: a tracker keeps whatever the interrupted part of a resumed run logged after its last checkpoint.
+scalars only). The resolved config goes in as hyperparameters (dotted keys) when a tracker run starts.
+`stats.jsonl` stays the record of truth: a tracker keeps whatever the interrupted part of a resumed run
+logged after its last checkpoint.
 
-The loops finish the trackers with `accelerator.end_training()`. MLflow and wandb runs continue across resumes: their run ids are kept in `RUN/trackers.json`. The others
-start a new run at each launch. Trackers that want a folder (aim) write under `RUN/trackers/`.
+The loops finish the trackers with `accelerator.end_training()`. MLflow and wandb runs continue across
+resumes: their run ids are kept in `RUN/trackers.json`. The others start a new run at each launch.
+Trackers that want a folder (aim) write under `RUN/trackers/`.
 """
 from __future__ import annotations
 
