@@ -10,9 +10,11 @@ Each sample is a group of adjacent tar members sharing a key. Keys are zero-padd
 indices (`000012345`) because WebDataset splits a member name at its FIRST dot: a key must never
 contain one. Members: the image (`.png`, or `.jpg` when a JPEG quality is given), the class label
 as decimal text (`.cls`, only when the source has labels) and `{"name": <source file>}` (`.json`).
+Shards are written by webdataset's `TarWriter` and read back by a plain `webdataset.WebDataset(urls)`
+as well as by `data.stream`.
 
 Nothing is ever half-written: shards are built in a hidden staging folder inside OUT (each one
-under a `.part` name, renamed when complete), moved into OUT only once all of them exist, and
+under a temporary name, renamed when complete), moved into OUT only once all of them exist, and
 `index.json` is written last through a temporary file + rename. On any error the staging folder
 is removed, and so is OUT itself if this call created it.
 
@@ -22,11 +24,11 @@ set is replaced only after the new one has been fully built, so a failed rewrite
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
 import shutil
-import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.files import atomic_write_json, file_digest
+from models.files import atomic_write, atomic_write_json, file_digest
 from trainer.errors import UserError
 
 INDEX_NAME = "index.json"
@@ -68,15 +70,6 @@ def encode_image(image: Image.Image | np.ndarray, image_format: str, quality: in
     else:
         image.save(out, format="JPEG", quality=quality or 95, subsampling=0)
     return out.getvalue()
-
-
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    # Fixed metadata so that the same samples always give byte-identical shards (same sha256).
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0
-    info.mode = 0o644
-    tar.addfile(info, io.BytesIO(payload))
 
 
 def _prepare_output(output: Path, overwrite: bool) -> list[Path]:
@@ -162,48 +155,54 @@ def write_shards(
 def _write_staged(samples, staging: Path, size: int, per_shard: int, image_format: str,
                   quality: int | None) -> tuple[list[dict], bool]:
     """Write all shards into `staging`; return their index entries and whether labels were seen."""
+    import webdataset as wds  # imports torch (1-2 s): only when there is something to write
+
+    labels: dict[str, bool] = {}
+    members = _encoded_members(samples, size, image_format, quality, labels)
     shards: list[dict] = []
-    has_labels: bool | None = None
-    tar = None
-    part = final = None
-    count = 0
+    while (first := next(members, None)) is not None:
+        path = staging / shard_name(len(shards))
+        count = 0
 
-    def close_shard() -> None:
-        tar.close()
-        os.replace(part, final)  # a shard only gets its real name once complete
-        shards.append({"name": final.name, "num_samples": count, "sha256": file_digest(final)})
+        def write(tmp: Path) -> None:
+            nonlocal count
+            # webdataset's writer with fixed metadata (mtime 0, mode 0644, no user/group names), so the
+            # same samples always give byte-identical shards (same sha256). One member per `write` call
+            # keeps each sample's members in the order image, .cls, .json (a whole-sample write sorts
+            # them by extension). Its ShardWriter is not used: it writes straight to the final names.
+            with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, user="", group="",
+                                                          mode=0o644, mtime=0) as tar:
+                for key, sample in itertools.chain([first], itertools.islice(members, per_shard - 1)):
+                    for ext, payload in sample:
+                        tar.write({"__key__": key, ext: payload})
+                    count += 1
 
+        atomic_write(path, write)  # a shard only gets its real name once complete
+        shards.append({"name": path.name, "num_samples": count, "sha256": file_digest(path)})
+    return shards, labels.get("has_labels", False)
+
+
+def _encoded_members(samples, size: int, image_format: str, quality: int | None,
+                     labels: dict[str, bool]) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """`(key, [(extension, bytes), ...])` per sample; records in `labels` whether the samples carry labels."""
     for sample in samples:
         key, image = sample[0], sample[1]
         meta = sample[2] if len(sample) > 2 else {}
         if "." in key or "/" in key or not key:
             raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
-        if has_labels is None:
-            has_labels = "cls" in meta
-        elif has_labels != ("cls" in meta):
+        if labels.setdefault("has_labels", "cls" in meta) != ("cls" in meta):
             raise ValueError(f"sample {key}: either every sample has a 'cls' label or none does")
         if not isinstance(image, (bytes, bytearray)):
             width, height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
             if (width, height) != (size, size):
                 raise ValueError(f"sample {key}: image is {width}x{height}, expected {size}x{size}")
             image = encode_image(image, image_format, quality)
-        if tar is None:
-            final = staging / shard_name(len(shards))
-            part = final.with_name(final.name + ".part")
-            tar = tarfile.open(part, "w", format=tarfile.USTAR_FORMAT)
-            count = 0
-        _add_member(tar, f"{key}.{image_format}", bytes(image))
+        members = [(image_format, bytes(image))]
         if "cls" in meta:
-            _add_member(tar, f"{key}.cls", str(int(meta["cls"])).encode())
+            members.append(("cls", str(int(meta["cls"])).encode()))
         if "name" in meta:
-            _add_member(tar, f"{key}.json", json.dumps({"name": meta["name"]}).encode())
-        count += 1
-        if count == per_shard:
-            close_shard()
-            tar = None
-    if tar is not None:
-        close_shard()
-    return shards, bool(has_labels)
+            members.append(("json", json.dumps({"name": meta["name"]}).encode()))
+        yield key, members
 
 
 def _publish(staging: Path, output: Path, index: dict) -> None:
@@ -344,26 +343,31 @@ def read_index(path: Path, verify_sha256: bool = False) -> dict:
         index = json.loads(index_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise UserError(f"shard index {index_path} is not valid JSON: {err}") from None
-    fields = {"num_samples": int, "size": int, "format": str, "shards": list}
-    for field, kind in fields.items():
-        if not isinstance(index, dict) or not isinstance(index.get(field), kind):
-            raise UserError(f"shard index {index_path}: missing or invalid field {field!r}")
-    if index["format"] not in ("png", "jpg"):
-        raise UserError(f"shard index {index_path}: unknown format {index['format']!r}")
+    check_index(index, str(index_path))
     root = index_path.parent
-    total = 0
     for entry in index["shards"]:
-        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                and isinstance(entry.get("num_samples"), int) and isinstance(entry.get("sha256"), str)):
-            raise UserError(f"shard index {index_path}: invalid shard entry {entry!r}")
         shard = root / entry["name"]
         if not shard.is_file():
             raise UserError(f"shard index {index_path} lists {entry['name']}, which does not exist")
         if verify_sha256 and file_digest(shard) != entry["sha256"]:
             raise UserError(f"shard {shard} does not match the sha256 in {index_path}")
-        total += entry["num_samples"]
-    if total != index["num_samples"] or not index["shards"]:
-        raise UserError(f"shard index {index_path}: num_samples {index['num_samples']} but shards hold {total}")
     index.setdefault("has_labels", False)
     index["root"] = str(root)
     return index
+
+
+def check_index(index, where: str) -> None:
+    """Validate the fields and counts of a loaded index (`where` names it in the UserError)."""
+    fields = {"num_samples": int, "size": int, "format": str, "shards": list}
+    for field, kind in fields.items():
+        if not isinstance(index, dict) or not isinstance(index.get(field), kind):
+            raise UserError(f"shard index {where}: missing or invalid field {field!r}")
+    if index["format"] not in ("png", "jpg"):
+        raise UserError(f"shard index {where}: unknown format {index['format']!r}")
+    for entry in index["shards"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("num_samples"), int) and isinstance(entry.get("sha256"), str)):
+            raise UserError(f"shard index {where}: invalid shard entry {entry!r}")
+    total = sum(entry["num_samples"] for entry in index["shards"])
+    if total != index["num_samples"] or not index["shards"]:
+        raise UserError(f"shard index {where}: num_samples {index['num_samples']} but shards hold {total}")

@@ -1,4 +1,4 @@
-"""Streaming readers over the tar shards written by `data.shards`.
+"""Streaming readers over the tar shards written by `data.shards`, local or remote (`data.sources`).
 
 `TrainStream`: infinite (or `epochs`-long), shuffled, exactly resumable training batches.
 `EvalStream`: finite, ordered, each sample exactly once across ranks.
@@ -21,7 +21,12 @@ How `TrainStream` splits and orders data (W = DataLoader workers per rank, at le
   restart of a fresh DataLoader), and `state_dict()` records the positions of the batches actually
   handed out. A resumed worker replays its epoch on raw bytes (no decoding) up to its cursor.
 
-Corrupt data: an undecodable sample, or the rest of a truncated/garbled shard, is skipped and
+Shards are opened by webdataset's openers and read by its tar iterators (`read_shard`); the order, the
+split, the positions and the skip accounting above are ours (webdataset's own shuffles and resampling are
+not reproducible across resumes).
+
+Corrupt data: an undecodable sample, or the rest of a truncated/garbled shard, or of a shard that cannot
+be opened or fails mid-read (a remote one that vanished or broke off: opened anew next epoch), is skipped and
 counted (every shard always yields the number of samples its index entry promises, missing ones as
 "skipped" placeholders, so positions stay exact). Counts reach the main process inside batches;
 warnings are logged at a bounded rate (first 5, then every 100th) and never sleep. Beyond
@@ -45,8 +50,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data.shards import DECODE_ERRORS, read_index
+from data.shards import DECODE_ERRORS
+from data.sources import ShardLocation, error_message, open_shard, open_shard_set
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,52 +79,56 @@ def derive_seed(*parts) -> int:
 # Raw samples: (key, image bytes or None, label or None, problem message or None)
 # --------------------------------------------------------------------------------------------
 
-def _group_members(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group adjacent tar members by key (basename up to the first dot) → (key, {ext: bytes})."""
-    key, members = None, {}
-    for member in tar:
-        if not member.isfile():
-            continue
-        base, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-        payload = tar.extractfile(member).read()
-        if base != key and key is not None:
-            yield key, members
-            members = {}
-        key = base
-        members[ext] = payload
-    if key is not None:
-        yield key, members
-
-
-def read_shard(path: Path, expected: int, image_ext: str) -> Iterator[tuple]:
+def read_shard(path: str | Path, expected: int, image_ext: str, *, sha256: str | None = None,
+               cache_dir: str | None = None, name: str | None = None) -> Iterator[tuple]:
     """Yield exactly `expected` raw samples from one shard, placeholders for unreadable ones.
 
-    A tar that ends early or is garbled loses only its own remaining samples: they come out as
+    `path` is anything webdataset opens (a local path, a URL, a pipe: command; `data.sources`); with
+    `cache_dir` and the shard's `sha256`, a remote shard is read from its verified local copy. `name` (the
+    index entry's) names it in messages, default the last part of `path`. A shard that
+    cannot be opened, ends early or is garbled loses only its own remaining samples: they come out as
     placeholders (image None); the first of them carries the message explaining why.
     """
+    url = str(path)
+    name = name or url.rstrip("/").rsplit("/", 1)[-1]
     produced, problem = 0, None
+    stream = None
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for key, members in _group_members(tar):
-                if produced == expected:
-                    break
-                produced += 1
-                label, problem_here = None, None
-                image = members.get(image_ext)
-                if image is None:
-                    problem_here = f"{path.name}: sample {key} has no .{image_ext} member"
-                if "cls" in members:
-                    try:
-                        label = int(members["cls"])
-                    except ValueError:
-                        image, problem_here = None, f"{path.name}: sample {key} has a bad .cls member"
-                yield key, image, label, problem_here
+        stream = open_shard(url, sha256, cache_dir)
+        # webdataset's tar iterators: members → {"__key__", "<ext>": bytes} per group of adjacent members.
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            if produced == expected:
+                break
+            produced += 1
+            key, label, problem_here = sample["__key__"], None, None
+            image = sample.get(image_ext)
+            if image is None:
+                problem_here = f"{name}: sample {key} has no .{image_ext} member"
+            if "cls" in sample:
+                try:
+                    label = int(sample["cls"])
+                except ValueError:
+                    image, problem_here = None, f"{name}: sample {key} has a bad .cls member"
+            yield key, image, label, problem_here
     except (OSError, EOFError, tarfile.TarError, ValueError) as err:
-        problem = f"{path.name}: unreadable after {produced} of {expected} samples ({type(err).__name__}: {err})"
+        problem = (f"{name}: unreadable after {produced} of {expected} samples "
+                   f"({type(err).__name__}: {error_message(err)})")
+    finally:
+        _close_quietly(stream)
     if produced < expected:
-        problem = problem or f"{path.name}: ended after {produced} of {expected} samples"
+        problem = problem or f"{name}: ended after {produced} of {expected} samples"
         for i in range(produced, expected):
-            yield f"{path.stem}-missing{i}", None, None, problem if i == produced else None
+            yield f"{Path(name).stem}-missing{i}", None, None, problem if i == produced else None
+
+
+def _close_quietly(stream) -> None:
+    # A pipe or curl that we stop reading early may exit with a broken-pipe status; every sample read
+    # so far was complete, and a real read failure was already reported by the reader.
+    if stream is not None:
+        try:
+            stream.close()
+        except (OSError, ValueError):
+            pass
 
 
 def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
@@ -214,10 +225,10 @@ class _WorkerBatches(IterableDataset):
     tagged with `_worker`, the position after the batch, and seen/skipped counts, then one
     `_end` marker when the worker's epochs are exhausted."""
 
-    def __init__(self, root: Path, shards: list[dict], image_ext: str, image_size: int, batch_size: int,
+    def __init__(self, shards: list[dict], cache_dir: str | None, image_ext: str, image_size: int, batch_size: int,
                  seed: int, rank: int, world_size: int, workers: int, hflip: bool, epochs: int | None,
                  shuffle_buffer: int, start: list[tuple[int, int]], released: torch.Tensor):
-        self.root, self.shards, self.image_ext = Path(root), shards, image_ext
+        self.shards, self.cache_dir, self.image_ext = shards, cache_dir, image_ext
         self.image_size, self.batch_size, self.seed = image_size, batch_size, seed
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.hflip, self.epochs, self.shuffle_buffer, self.start = hflip, epochs, shuffle_buffer, start
@@ -229,7 +240,8 @@ class _WorkerBatches(IterableDataset):
         random.Random(derive_seed(self.seed, "shards", epoch)).shuffle(order)
         mine = [self.shards[i] for i in order[g::self.world_size * self.workers]]
         raw = itertools.chain.from_iterable(
-            read_shard(self.root / s["name"], s["num_samples"], self.image_ext) for s in mine)
+            read_shard(s["url"], s["num_samples"], self.image_ext, sha256=s["sha256"], cache_dir=self.cache_dir,
+                       name=s["name"]) for s in mine)
         rng = random.Random(derive_seed(self.seed, "buffer", epoch, g))
         return sum(s["num_samples"] for s in mine), buffer_shuffle(raw, self.shuffle_buffer, rng)
 
@@ -292,7 +304,10 @@ class _WorkerBatches(IterableDataset):
 # --------------------------------------------------------------------------------------------
 
 class TrainStream:
-    """Shuffled training batches over a shard folder, exactly resumable.
+    """Shuffled training batches over a shard set, exactly resumable.
+
+    `shards`: a local folder, or anything `data.sources.shard_location` returns (a URL prefix, a brace
+    pattern or a pipe: command with its index, and a cache folder for remote shards).
 
     Iterating yields {"image": FloatTensor [B, 3, S, S] in [-1, 1], "label": LongTensor [B] (only
     when the shards have labels), "key": list[str]} forever (epochs=None, every batch full) or for
@@ -307,10 +322,10 @@ class TrainStream:
     way, so a rank may get a short or empty last batch, and every rank yields the same number).
     """
 
-    def __init__(self, shards: str | Path, batch_size: int, seed: int, rank: int, world_size: int,
+    def __init__(self, shards: str | Path | ShardLocation, batch_size: int, seed: int, rank: int, world_size: int,
                  num_workers: int, image_size: int, hflip: bool, epochs: int | None = None,
                  max_skip_fraction: float = 0.01, shuffle_buffer: int = 1000, split: str = "shards"):
-        self.index = read_index(Path(shards))
+        self.index = open_shard_set(shards)
         if self.index["size"] != image_size:
             raise UserError(f"shards in {shards} are {self.index['size']}x{self.index['size']} "
                             f"but image_size is {image_size}")
@@ -328,7 +343,7 @@ class TrainStream:
             readers = "world_size" if split == "shards" else "1 (split=global)"
             raise UserError(f"{shards} has {len(self.index['shards'])} shards, fewer than {readers} x num_workers "
                             f"= {self._readers} x {self.workers} = {needed}; write smaller shards or use fewer workers")
-        self.shards_dir, self.batch_size, self.seed = Path(self.index["root"]), batch_size, seed
+        self.source, self.batch_size, self.seed = self.index["root"], batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.image_size, self.hflip, self.epochs = image_size, hflip, epochs
         self.max_skip_fraction, self.shuffle_buffer, self.split = max_skip_fraction, shuffle_buffer, split
@@ -370,7 +385,7 @@ class TrainStream:
         else:  # every rank reads the global batches of a 1-process stream
             batch_size, rank, readers = self.batch_size * self.world_size, 0, 1
         dataset = _WorkerBatches(
-            self.shards_dir, self.index["shards"], self.index["format"], self.image_size, batch_size,
+            self.index["shards"], self.index["cache_dir"], self.index["format"], self.image_size, batch_size,
             self.seed, rank, readers, self.workers, self.hflip, self.epochs,
             self.shuffle_buffer, list(self._positions), released)
         # Own generator: creating the loader must not consume the global torch RNG (training
@@ -401,7 +416,7 @@ class TrainStream:
         if (self.seen_samples >= MIN_SEEN_FOR_SKIP_CHECK
                 and self.skipped_samples > self.max_skip_fraction * self.seen_samples):
             raise TooManySkippedError(
-                f"{self.skipped_samples} of {self.seen_samples} samples read from {self.shards_dir} were "
+                f"{self.skipped_samples} of {self.seen_samples} samples read from {self.source} were "
                 f"unreadable, more than max_skip_fraction={self.max_skip_fraction}; check the shards")
 
     def __iter__(self) -> Iterator[dict]:
@@ -450,14 +465,15 @@ class EvalStream:
     no shards at all when there are fewer shards than ranks.
     """
 
-    def __init__(self, shards: str | Path, batch_size: int, rank: int, world_size: int, image_size: int):
-        self.index = read_index(Path(shards))
+    def __init__(self, shards: str | Path | ShardLocation, batch_size: int, rank: int, world_size: int,
+                 image_size: int):
+        self.index = open_shard_set(shards)
         if self.index["size"] != image_size:
             raise UserError(f"shards in {shards} are {self.index['size']}x{self.index['size']} "
                             f"but image_size is {image_size}")
         if not 0 <= rank < world_size:
             raise UserError(f"rank {rank} is outside world_size {world_size}")
-        self.root, self.batch_size, self.image_size = Path(self.index["root"]), batch_size, image_size
+        self.batch_size, self.image_size = batch_size, image_size
         self.my_shards = self.index["shards"][rank::world_size]
         self.num_samples = sum(s["num_samples"] for s in self.my_shards)
         self.skipped_samples = 0
@@ -469,8 +485,9 @@ class EvalStream:
     def __iter__(self) -> Iterator[dict]:
         images, labels, keys = [], [], []
         for shard in self.my_shards:
-            for key, payload, label, problem in read_shard(self.root / shard["name"], shard["num_samples"],
-                                                           self.index["format"]):
+            for key, payload, label, problem in read_shard(shard["url"], shard["num_samples"], self.index["format"],
+                                                           sha256=shard["sha256"], cache_dir=self.index["cache_dir"],
+                                                           name=shard["name"]):
                 try:
                     image = decode_image(payload, self.image_size) if payload is not None else None
                 except DECODE_ERRORS as err:

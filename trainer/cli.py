@@ -9,7 +9,8 @@ def training_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="preset name (e.g. digits, celebahq256) or a YAML file")
     parser.add_argument("--run-dir", required=True, help="run directory; re-running the command resumes it")
-    parser.add_argument("--data", default=None, help="shard directory (sets data.shards)")
+    parser.add_argument("--data", default=None, help="shard directory, URL prefix, or brace pattern / pipe: command "
+                        "with data.index=... (sets data.shards; README \"Data\")")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=50")
     return parser
 

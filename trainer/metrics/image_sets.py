@@ -10,8 +10,8 @@ Accepted paths:
 - an `.npz` file: the array `samples`, else `images`, else the first 4-D array; uint8 [N, H, W, C] or
   [N, C, H, W] with C = 1 or 3 (gray is repeated to RGB).
 - a folder of `.npz` files (e.g. `scripts/sample.py --format npz` chunks), read in name order.
-- a shard set (a folder with `index.json`, from `scripts/make_shards.py`): decoded in index order;
-  unreadable samples are skipped and counted.
+- a shard set (a folder with `index.json`, from `scripts/make_shards.py`, or a remote
+  `data.sources.ShardLocation`): decoded in index order; unreadable samples are skipped and counted.
 Inference bundles are sampled, not read: see `bundle_batches`.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.shards import DECODE_ERRORS, IMAGE_SUFFIXES, INDEX_NAME, read_index
+from data.shards import DECODE_ERRORS, IMAGE_SUFFIXES, INDEX_NAME
+from data.sources import ShardLocation, open_shard_set
 from trainer.errors import UserError
 
 BUNDLE_MANIFEST = "bundle.json"  # models.bundle.MANIFEST (not imported: it pulls in the NVAE)
@@ -39,7 +40,7 @@ class ImageSet:
     """A finite, ordered set of images. `read()` yields them one by one as uint8 [H, W, 3]."""
 
     kind: str                                   # "folder" | "npz" | "shards"
-    path: Path
+    path: Path | ShardLocation
     read_all: Callable[[], Iterator[np.ndarray]]
     files: list[Path] = field(default_factory=list)  # what `identity` hashes (folder / npz files)
     max_images: int | None = None
@@ -64,8 +65,11 @@ class ImageSet:
         names and bytes of the files, plus the image cap."""
         digest = hashlib.sha256(f"{self.kind}\n{self.max_images}\n".encode())
         if self.kind == "shards":
-            index = read_index(self.path)
-            index.pop("root", None)
+            index = open_shard_set(self.path)
+            for key in ("root", "cache_dir"):  # where the set is read from is not what it holds
+                index.pop(key, None)
+            for entry in index["shards"]:
+                entry.pop("url", None)
             digest.update(json.dumps(index, sort_keys=True).encode())
             return digest.hexdigest()
         for path in self.files:
@@ -89,11 +93,13 @@ def is_bundle(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / BUNDLE_MANIFEST).is_file()
 
 
-def open_image_set(path: Path, max_images: int | None = None) -> ImageSet:
+def open_image_set(path: Path | ShardLocation, max_images: int | None = None) -> ImageSet:
     """The images at `path` (see the module doc); UserError when there are none or the path is unusable."""
-    path = Path(path).expanduser()
     if max_images is not None and max_images < 1:
         raise UserError(f"the image cap must be >= 1, got {max_images}")
+    if isinstance(path, ShardLocation):
+        return _shard_set(path, max_images)
+    path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if path.is_file():
@@ -152,16 +158,17 @@ def _read_npz_files(files: list[Path]) -> Iterator[np.ndarray]:
         yield from npz_images(path)
 
 
-def _shard_set(path: Path, max_images: int | None) -> ImageSet:
+def _shard_set(path: Path | ShardLocation, max_images: int | None) -> ImageSet:
     from data.stream import decode_image, read_shard
 
-    index = read_index(path)
-    root = Path(index["root"])
+    index = open_shard_set(path)
 
     def read_all() -> Iterator[np.ndarray]:
         images.skipped = 0
         for shard in index["shards"]:
-            for _key, payload, _label, _problem in read_shard(root / shard["name"], shard["num_samples"], index["format"]):
+            for _key, payload, _label, _problem in read_shard(shard["url"], shard["num_samples"], index["format"],
+                                                              sha256=shard["sha256"], cache_dir=index["cache_dir"],
+                                                              name=shard["name"]):
                 try:
                     image = decode_image(payload, index["size"]) if payload is not None else None
                 except DECODE_ERRORS:

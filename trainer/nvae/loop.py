@@ -44,7 +44,7 @@ SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     """Train (or resume training) an NVAE; returns the path of the final checkpoint."""
     # Launch.
-    launch = make_accelerator(cfg.train)
+    launch = make_accelerator(cfg.train, run_dir)
     accelerator = launch.accelerator
     run_dir = prepare_run_dir(run_dir, cfg, accelerator, kind="nvae")
 
@@ -82,7 +82,8 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
         step = restore(Checkpoint(checkpoint_path), model, ema, optimizer, launch, stream, cfg.train.seed)
     else:
         seed_everything(process_seed(cfg.train.seed, accelerator.process_index))
-    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step)
+    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step, accelerator=accelerator,
+                         project=cfg.train.tracker_project)
     fid = make_training_fid(cfg, fixed is not None, accelerator, monitor.log)
     precision = str(launch.autocast_dtype or accelerator.mixed_precision)
     precision += " (DeepSpeed ZeRO)" if launch.deepspeed else ""

@@ -12,13 +12,15 @@ from typing import Callable
 
 import torch
 
+from data.sources import ShardLocation
 from models.langevin import seeded_chains
 from models.sampler import to_uint8
 from trainer.run.collective import collective_rows
 
 
 class TrainingFid:
-    def __init__(self, eval_cfg, reference: Path, cache_dir: Path, accelerator, log: Callable[[str], None]):
+    def __init__(self, eval_cfg, reference: Path | ShardLocation, cache_dir: Path, accelerator,
+                 log: Callable[[str], None]):
         self.cfg, self.accelerator = eval_cfg, accelerator
         self.evaluator = None
         if accelerator.is_main_process:

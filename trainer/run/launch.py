@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration
 
+from data.sources import ShardLocation, shard_location
 from trainer.config.common import DataConfig, TrainConfig
 from trainer.errors import UserError
+from trainer.run.trackers import accelerate_trackers
 
 
 @dataclass
@@ -32,8 +35,9 @@ class Launch:
         return torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype)
 
 
-def make_accelerator(train: TrainConfig) -> Launch:
-    """An Accelerator for this launch, with gradient accumulation derived from the batch sizes.
+def make_accelerator(train: TrainConfig, run_dir: Path | None = None) -> Launch:
+    """An Accelerator for this launch, with gradient accumulation derived from the batch sizes, and the
+    trackers of `train.log_with` (started later by the run's monitor; aim-like ones write under run_dir).
 
     global_batch = per_device_batch × processes × accumulation; anything else is a config error.
     Under DeepSpeed the engine keeps fp32 weights (ZeRO partitions optimizer state and gradients) and
@@ -54,8 +58,9 @@ def make_accelerator(train: TrainConfig) -> Launch:
             f"train.per_device_batch_size × processes ({train.per_device_batch_size} × {processes})")
     accumulation = train.global_batch_size // per_step
     precision = _mixed_precision(train.mixed_precision, use_deepspeed)
+    tracking = _tracking(train, run_dir)
     if use_deepspeed:
-        accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=accumulation)
+        accelerator = Accelerator(mixed_precision="no", gradient_accumulation_steps=accumulation, **tracking)
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
         ds_config.update(train_micro_batch_size_per_gpu=train.per_device_batch_size,
                          gradient_accumulation_steps=accumulation, train_batch_size=train.global_batch_size)
@@ -64,10 +69,20 @@ def make_accelerator(train: TrainConfig) -> Launch:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         return Launch(accelerator, accumulation, deepspeed=True, autocast_dtype=dtype)
     accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision, cpu=cpu,
-                              gradient_accumulation_steps=accumulation)
+                              gradient_accumulation_steps=accumulation, **tracking)
     if launched_processes != accelerator.num_processes:
         raise RuntimeError(f"launched {launched_processes} processes but Accelerate sees {accelerator.num_processes}")
     return Launch(accelerator, accumulation, deepspeed=False, autocast_dtype=None)
+
+
+def _tracking(train: TrainConfig, run_dir: Path | None) -> dict:
+    """Accelerator arguments for `train.log_with` (none when it names only TensorBoard, always our own)."""
+    names = accelerate_trackers(train.log_with)
+    if not names:
+        return {}
+    folders = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "trackers")) \
+        if run_dir is not None else None
+    return {"log_with": names, "project_config": folders}
 
 
 def _mixed_precision(configured: str, use_deepspeed: bool) -> str:
@@ -98,13 +113,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
-def shard_directory(data: DataConfig, accelerator: Accelerator) -> Path:
-    """The shard set to read: `data.shards`, or a bundled dataset materialized on first use."""
+def shard_directory(data: DataConfig, accelerator: Accelerator) -> Path | ShardLocation:
+    """The shard set to read: `data.shards` (a local folder, or a remote/pattern location with its index and
+    cache, see data/sources.py), or a bundled dataset materialized on first use."""
     if data.shards:
-        path = Path(data.shards).expanduser()
-        if not (path / "index.json").is_file():
-            raise UserError(f"data.shards '{path}' has no index.json (make it with scripts/make_shards.py)")
-        return path
+        location = shard_location(data.shards, data.index, data.shard_cache)
+        if isinstance(location, Path) and not (location / "index.json").is_file():
+            raise UserError(f"data.shards '{location}' has no index.json (make it with scripts/make_shards.py)")
+        return location
     from data.bundled import materialize_shards
 
     cache = Path(data.cache_dir).expanduser()

@@ -1,4 +1,5 @@
-"""Run monitoring: log.txt, stats.jsonl, TensorBoard scalars and image grids. Main process only.
+"""Run monitoring: log.txt, stats.jsonl, TensorBoard scalars and image grids, and the same scalars and grids
+to the trackers of `train.log_with` (trainer/run/trackers.py). Main process only.
 
 On resume from step S, rows of stats.jsonl after S (written by the interrupted run after its last
 checkpoint) are dropped and TensorBoard purges its events after S, so every curve is continuous.
@@ -15,13 +16,16 @@ from tqdm import tqdm
 
 from models.files import atomic_write_text
 from trainer.run.images import make_grid, save_png, to_uint8
+from trainer.run.trackers import log_image, log_scalars, start_trackers
 
 
 class RunMonitor:
-    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0):
+    def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0, accelerator=None,
+                 project: str = "vaebm-trainer"):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.tb = None
+        self.trackers: list = []
         if not enabled:
             return
         self.stats_path = self.run_dir / "stats.jsonl"
@@ -32,6 +36,8 @@ class RunMonitor:
 
         self.tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None,
                                 flush_secs=30)
+        if accelerator is not None and accelerator.log_with:  # `train.log_with` beyond TensorBoard
+            self.trackers = start_trackers(accelerator, self.run_dir, project)
 
     def _truncate_stats(self, resume_step: int) -> None:
         kept = []
@@ -51,33 +57,41 @@ class RunMonitor:
         self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     def stats(self, step: int, row: dict[str, float], tb_tags: dict[str, str] | None = None) -> None:
-        """One row of stats.jsonl and one TensorBoard scalar per value (tag from `tb_tags` or `train/<key>`)."""
+        """One row of stats.jsonl and one TensorBoard (and tracker) scalar per value (tag from `tb_tags` or
+        `train/<key>`)."""
         if not self.enabled:
             return
         row = {"step": step, **{k: _plain(v) for k, v in row.items()}}
         with open(self.stats_path, "a") as handle:
             handle.write(json.dumps(row) + "\n")
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tb.add_scalar((tb_tags or {}).get(key, f"train/{key}"), value, step)
+        scalars = {(tb_tags or {}).get(key, f"train/{key}"): value for key, value in row.items()
+                   if key != "step" and isinstance(value, (int, float))}
+        for tag, value in scalars.items():
+            self.tb.add_scalar(tag, value, step)
+        log_scalars(self.trackers, scalars, step)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        """TensorBoard-only scalars under their full tags (e.g. `kl/group_03`)."""
+        """Scalars under their full tags (e.g. `kl/group_03`) to TensorBoard and the trackers, not stats.jsonl."""
         if self.enabled:
+            values = {tag: _plain(value) for tag, value in values.items()}
             for tag, value in values.items():
-                self.tb.add_scalar(tag, _plain(value), step)
+                self.tb.add_scalar(tag, value, step)
+            log_scalars(self.trackers, values, step)
 
     def images(self, tag: str, images: torch.Tensor, step: int, ncol: int) -> None:
-        """A grid of [-1, 1] images to TensorBoard and to samples/<tag>-<step>.png."""
+        """A grid of [-1, 1] images to TensorBoard, samples/<tag>-<step>.png and the trackers."""
         if not self.enabled:
             return
         grid = make_grid(to_uint8(images), ncol)
         self.tb.add_image(tag, grid, step, dataformats="CHW")
-        save_png(grid, self.run_dir / "samples" / f"{tag.replace('/', '_')}-{step:07d}.png")
+        png = self.run_dir / "samples" / f"{tag.replace('/', '_')}-{step:07d}.png"
+        save_png(grid, png)
+        if self.trackers:
+            log_image(self.trackers, tag, grid.permute(1, 2, 0).numpy(), png, step)
 
     def close(self) -> None:
         if self.enabled:
-            self.tb.close()
+            self.tb.close()  # the trackers are finished by `accelerator.end_training()`
             self.log_file.close()
 
 
