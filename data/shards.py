@@ -41,6 +41,7 @@ from models.files import atomic_write, atomic_write_json, file_digest
 from trainer.errors import UserError
 
 INDEX_NAME = "index.json"
+IMAGE_CHANNELS = 3  # images are stored and read back as RGB (grey ones replicated), whatever the source
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 # What PIL raises on a file that is not a readable image (truncated, garbage, wrong suffix).
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -257,7 +258,8 @@ def list_image_files(path: Path) -> list[str]:
 def center_crop_resize(image: Image.Image, size: int, name: str) -> Image.Image:
     """Center-crop to a square on the short side, then resize to size×size (Lanczos, antialiased).
 
-    An image whose short side is below `size` is a UserError: upscaling would silently blur it.
+    An image whose short side is below `size` is a UserError: upscaling would silently blur it
+    (folders and zips skip such images before they get here).
     """
     width, height = image.size
     side = min(width, height)
@@ -270,8 +272,21 @@ def center_crop_resize(image: Image.Image, size: int, name: str) -> Image.Image:
     return image
 
 
+UNDECODABLE, TOO_SMALL = "undecodable", "smaller than --size"  # why a file of a folder/zip was skipped
+
+
+def describe_skipped(skipped: dict[str, list[str]], examples: int = 3) -> str:
+    """'1 undecodable: bad.jpg; 2 smaller than --size: a.png (50x12), b.png (8x8)' (a few names per reason)."""
+    parts = []
+    for reason, names in skipped.items():
+        shown = ", ".join(names[:examples]) + (", ..." if len(names) > examples else "")
+        parts.append(f"{len(names)} {reason}: {shown}")
+    return "; ".join(parts)
+
+
 class _FolderImages:
-    """Iterates `(key, image, meta)` over the images of a folder/zip; counts undecodable files."""
+    """Iterates `(key, image, meta)` over the images of a folder/zip; files that are undecodable or smaller
+    than `size` on their short side are skipped and recorded by reason (`skipped`)."""
 
     def __init__(self, path: Path, size: int, seed: int | None):
         self.path = Path(path)
@@ -279,7 +294,11 @@ class _FolderImages:
         self.names = list_image_files(self.path)
         if seed is not None:  # shuffle so that shards are not ordered by folder/class
             random.Random(seed).shuffle(self.names)
-        self.skipped = 0
+        self.skipped: dict[str, list[str]] = {}  # reason -> file names (too small: with their size)
+
+    @property
+    def skipped_count(self) -> int:
+        return sum(len(names) for names in self.skipped.values())
 
     def _read_bytes(self) -> Iterator[tuple[str, bytes]]:
         if self.path.is_dir():
@@ -297,8 +316,11 @@ class _FolderImages:
                 image = Image.open(io.BytesIO(payload))
                 image.load()
                 image = image.convert("RGB")
-            except DECODE_ERRORS:
-                self.skipped += 1  # not fatal: counted and reported at the end
+            except DECODE_ERRORS:  # not fatal: counted and reported at the end
+                self.skipped.setdefault(UNDECODABLE, []).append(name)
+                continue
+            if min(image.size) < self.size:  # never upscaled: it would blur; counted like an undecodable file
+                self.skipped.setdefault(TOO_SMALL, []).append(f"{name} ({image.size[0]}x{image.size[1]})")
                 continue
             image = center_crop_resize(image, self.size, f"{self.path}/{name}")
             yield sample_key(index), image, {"name": name}
@@ -311,17 +333,25 @@ def make_shards_from_path(input_path: Path, output: Path, size: int, *, samples_
     """Shard an image folder (recursive) or .zip: center-crop, resize to size×size, encode.
 
     Files are chosen by suffix (.png .jpg .jpeg .bmp .webp .tif .tiff .gif .ppm; hidden files
-    ignored). Files with an image suffix that PIL cannot decode are SKIPPED and counted (the
-    count is returned as `skipped`); every other problem is a UserError and leaves nothing behind.
-    Returns {"shards", "samples", "skipped", "output"}.
+    ignored). Files with an image suffix that PIL cannot decode, and images smaller than `size` on
+    their short side, are SKIPPED and counted (`skipped`: the total; `skipped_by_reason`: reason ->
+    file names); an input with no usable image, and every other problem, is a UserError and leaves
+    nothing behind. Returns {"shards", "samples", "skipped", "skipped_by_reason", "output"}.
     """
     if size < 1:
         raise UserError(f"--size must be >= 1, got {size}")
     images = _FolderImages(input_path, size, seed)
-    index = write_shards(images, output, size=size, samples_per_shard=samples_per_shard,
-                         quality=quality, overwrite=overwrite, source=str(input_path))
+    try:
+        index = write_shards(images, output, size=size, samples_per_shard=samples_per_shard,
+                             quality=quality, overwrite=overwrite, source=str(input_path))
+    except UserError:
+        if images.skipped_count == len(images.names):  # nothing usable: say why
+            raise UserError(f"no usable images in {input_path} (--size {size}): skipped "
+                            f"{describe_skipped(images.skipped)}") from None
+        raise
     return {"shards": len(index["shards"]), "samples": index["num_samples"],
-            "skipped": images.skipped, "output": str(output)}
+            "skipped": images.skipped_count, "skipped_by_reason": images.skipped,
+            "output": str(output)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-METHODS = ("vaebm", "latent-tilting", "joint-prior")
+from models.configs import METHODS
 
 Noise = list[torch.Tensor]
 EnergyInput = torch.Tensor | list[torch.Tensor]

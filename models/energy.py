@@ -28,88 +28,14 @@ so parameter shapes can be compared one-to-one with the official networks (see t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from models.configs import INPUT_RANGES, LAYOUTS, ConvLayout, EnergyNetConfig  # noqa: F401 (re-exported)
 from models.layers import Conv2d, LipSwish, Swish
 from models.spectral import SpectralRegularizer, collect_convs
-
-
-@dataclass(frozen=True)
-class ConvLayout:
-    """One row of Table 7: stem width C and the ResBlocks as (width multiplier of C, downsample)."""
-
-    base_channels: int
-    image_size: int
-    blocks: tuple[tuple[int, bool], ...]
-
-
-INPUT_RANGES = ("-1..1", "0..1")  # image ranges a conv energy's weights can expect (EnergyNetConfig.input_range)
-D, S = True, False  # a ResBlock that downsamples / keeps the resolution
-LAYOUTS: dict[str, ConvLayout] = {
-    # CIFAR-10, C=128: conv 128 | d128, 128 | d256, 256 | d256, 256 | FC. 32 → 4. 5.14 M params.
-    "cifar10": ConvLayout(128, 32, ((1, D), (1, S), (2, D), (2, S), (2, D), (2, S))),
-    # CelebA 64, C=64: conv 64 | d64, 64 | d128, 128 | d128, 256 | d256, 256 | FC. 64 → 4. 4.34 M.
-    "celeba64": ConvLayout(64, 64, ((1, D), (1, S), (2, D), (2, S), (2, D), (4, S), (4, D), (4, S))),
-    # LSUN Church 64, C=64: conv 64 | d64, 64 | d128, 128, 128 | d128, 256, 256 | d256, 256. 5.81 M.
-    "lsun_church64": ConvLayout(
-        64, 64, ((1, D), (1, S), (2, D), (2, S), (2, S), (2, D), (4, S), (4, S), (4, D), (4, S))
-    ),
-    # CelebA-HQ 256, C=64: conv 64 | d64, 64 | d128, 128 | d128, 128 | d256, 256 | d256, 256 |
-    # d512, 512 | FC. 256 → 4. 14.21 M.
-    "celebahq256": ConvLayout(
-        64, 256, ((1, D), (1, S), (2, D), (2, S), (2, D), (2, S), (4, D), (4, S), (4, D), (4, S), (8, D), (8, S))
-    ),
-    # Small layouts for CPU demos (bundled digits). 32×32: conv 32 | d32, 32 | d64, 64 | d64. 32 → 4.
-    "digits": ConvLayout(32, 32, ((1, D), (1, S), (2, D), (2, S), (2, D))),
-    # 16×16: conv 32 | d32 | d64, 64. 16 → 4.
-    "digits16": ConvLayout(32, 16, ((1, D), (2, D), (2, S))),
-}
-
-
-@dataclass
-class EnergyNetConfig:
-    """Which energy network to build (`build_energy`)."""
-
-    kind: str = "conv"
-    """"conv" (image energy, a Table 7 layout), "mlp" (2-D points, vectors) or "latent" (the joint
-    latent EBM prior's energy over all latent groups, `models/latent_energy.py`)."""
-    layout: str = "cifar10"
-    """Conv layout name, a key of `LAYOUTS`."""
-    base_channels: int | None = None
-    """Stem width C; None takes the layout's (128 for cifar10, 64 for the others, 32 for digits)."""
-    image_size: int | None = None
-    """Input height = width; None takes the layout's. Must be divisible by 2^(number of downsamples)."""
-    in_channels: int = 3
-    """Image channels (3 for RGB, 1 for grey digits)."""
-    data_init: bool = True
-    """Data-dependent init of the WN convs (paper: on; the official distributed script: off)."""
-    input_range: str = "-1..1"
-    """Conv only: the image range the weights expect. Inputs are always [−1, 1]; "0..1" (official
-    VAEBM networks) maps them to [0, 1] inside the network."""
-    gradient_checkpointing: bool = False
-    """Conv only: recompute each ResBlock's activations during backward (less memory at 256×256,
-    more compute; same energies and gradients). A runtime switch: a resumed run may change it."""
-    input_dim: int = 2
-    """MLP input size: 2 for 2-D toys, the flattened latent size for latent energies."""
-    hidden: int = 256
-    """MLP hidden width."""
-    depth: int = 4
-    """Number of hidden layers of the MLP (for "latent": of each vector group's feature MLP)."""
-    layerwise: bool = True
-    """"latent" only: the layer-wise terms f_l(z_l)."""
-    joint: bool = True
-    """"latent" only: the joint coupling term f_joint(z_1, …, z_L)."""
-
-    def validate(self) -> None:
-        if self.input_range not in INPUT_RANGES:
-            raise ValueError(f"input_range must be one of {', '.join(INPUT_RANGES)}, got {self.input_range!r}")
-        if self.input_range != "-1..1" and self.kind != "conv":
-            raise ValueError(f"input_range {self.input_range!r} applies to conv energies only (kind is {self.kind!r})")
 
 
 class ResBlock(nn.Module):

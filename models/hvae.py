@@ -34,46 +34,18 @@ trainer (checkpoints, exact resume, EMA, TensorBoard, export) works as for the N
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models import vampprior
+from models.configs import HVAE_PRIORS as PRIORS  # noqa: F401 (re-exported)
+from models.configs import HVAEConfig
 from models.nvae.model import Generation, NVAEOutput
 from models.vampprior import VampPrior
 
 _LOG_2PI = math.log(2.0 * math.pi)
-PRIORS = ("standard", "vamp")
-
-
-@dataclass
-class HVAEConfig:
-    image_size: int = 8  # H = W; the grey image has image_size² binary pixels
-    in_channels: int = 3  # channels of the input and output tensors (grey replicated; bundled digits: 3)
-    levels: int = 2  # 1: VAE p(x|z) p(z); 2: HVAE p(x|z1, z2) p(z1|z2) p(z2)
-    prior: str = "standard"  # prior of the top level: standard (N(0, I)) or vamp (VampPrior)
-    pseudo_inputs: int = 50  # K, VampPrior components (prior: vamp)
-    pseudo_init: str = "data"  # VampPrior pseudo-inputs start as random training images (data) or noise
-    latent_dim: int = 40  # units of every latent level (z, or z1 and z2)
-    hidden: int = 300  # units of every gated dense layer
-    min_log_var: float = -6.0  # log σ² of every Gaussian is clamped to [min_log_var, max_log_var]
-    max_log_var: float = 2.0
-
-    def validate(self) -> None:
-        for name in ("image_size", "in_channels", "pseudo_inputs", "latent_dim", "hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.levels not in (1, 2):
-            raise ValueError(f"levels must be 1 or 2, got {self.levels!r}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
-        if self.pseudo_init not in vampprior.PSEUDO_INITS:
-            raise ValueError(f"pseudo_init must be one of {', '.join(vampprior.PSEUDO_INITS)}, got {self.pseudo_init!r}")
-        if not self.min_log_var < self.max_log_var:
-            raise ValueError(f"min_log_var ({self.min_log_var}) must be < max_log_var ({self.max_log_var})")
 
 
 class GatedDense(nn.Module):

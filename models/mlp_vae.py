@@ -20,36 +20,16 @@ names and semantics of `models.nvae.model.NVAE`, so the trainers use either mode
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.configs import ACTIVATION_NAMES, MLPVAEConfig
 from models.nvae.model import Generation, NVAEOutput
 
 _LOG_2PI = math.log(2.0 * math.pi)
-ACTIVATIONS = {"swish": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh}
-
-
-@dataclass
-class MLPVAEConfig:
-    data_dim: int = 2  # D, the length of a data vector
-    latent_dim: int = 20  # L, the length of the one latent vector
-    hidden: int = 256  # units of every hidden layer
-    depth: int = 4  # fully-connected hidden layers in the encoder and in the decoder (each + a linear head)
-    activation: str = "swish"  # one of ACTIVATIONS
-    min_log_sigma: float = -7.0  # smooth floor of the decoder log σ_x (σ_x ≥ e⁻⁷ ≈ 9·10⁻⁴)
-
-    def validate(self) -> None:
-        for name in ("data_dim", "latent_dim", "hidden", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not math.isfinite(self.min_log_sigma):
-            raise ValueError(f"min_log_sigma must be finite, got {self.min_log_sigma!r}")
+ACTIVATIONS = dict(zip(ACTIVATION_NAMES, (nn.SiLU, nn.ReLU, nn.ELU, nn.Tanh)))  # swish, relu, elu, tanh
 
 
 def _mlp(in_dim: int, out_dim: int, hidden: int, depth: int, activation: str) -> nn.Sequential:

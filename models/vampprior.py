@@ -27,8 +27,9 @@ import math
 import torch
 import torch.nn as nn
 
+from models.configs import PSEUDO_INITS  # noqa: F401 (re-exported)
+
 _LOG_2PI = math.log(2.0 * math.pi)
-PSEUDO_INITS = ("data", "noise")
 
 
 class VampPrior(nn.Module):

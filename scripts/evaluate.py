@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from trainer.errors import UserError, run_cli  # noqa: E402
-from trainer.evaluation import available, experiment_module  # noqa: E402
+from trainer.evaluation import available, experiment_module, summary  # noqa: E402
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +29,19 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Only the named experiment's module is imported (for its flags), so `evaluate.py --help` needs no torch."""
+    argv = sys.argv[1:] if argv is None else argv
     names = available()
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="experiment", required=True, metavar="NAME",
                                      help=f"one of: {', '.join(names)}")
     for name in names:
+        if name != chosen:
+            commands.add_parser(name, help=summary(name))
+            continue
         module = experiment_module(name)
-        sub = commands.add_parser(name, help=(module.__doc__ or "").split("\n")[0], description=module.__doc__,
+        sub = commands.add_parser(name, help=summary(name), description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         add_shared_arguments(sub)
         module.add_arguments(sub)

@@ -4,10 +4,11 @@
                                   [--quality 95] [--seed 0] [--overwrite]
     python scripts/make_shards.py --dataset digits|photo-crops --output OUT [--size S] [--count N]
 
-Images are center-cropped to a square and resized to S×S (never upscaled: a smaller image is an
-error), stored as lossless PNG, or JPEG when --quality is given. Undecodable files are skipped
-and counted. An OUT that already holds index.json is refused unless --overwrite is given.
-Prints one summary line; user mistakes print `error: ...` and exit with status 2.
+Images are center-cropped to a square and resized to S×S, stored as lossless PNG, or JPEG when
+--quality is given. Undecodable files and images smaller than S on their short side (never upscaled:
+it would blur them) are skipped, and the summary line counts them by reason with a few of their names;
+an input with no usable image is an error. An OUT that already holds index.json is refused unless
+--overwrite is given. User mistakes print `error: ...` and exit with status 2.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from data.bundled import DATASETS, write_bundled_shards  # noqa: E402
-from data.shards import make_shards_from_path  # noqa: E402
+from data.shards import describe_skipped, make_shards_from_path  # noqa: E402
 from trainer.errors import UserError, run_cli  # noqa: E402
 
 DEFAULT_SIZES = {"digits": 32, "photo-crops": 64}
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                                        count=args.count, seed=args.seed or 0,
                                        samples_per_shard=args.samples_per_shard, quality=args.quality,
                                        overwrite=args.overwrite)
-    print(f"wrote {summary['shards']} shards, {summary['samples']} samples, "
-          f"skipped {summary['skipped']} undecodable -> {summary['output']}")
+    reasons = summary.get("skipped_by_reason")
+    print(f"wrote {summary['shards']} shards, {summary['samples']} samples, skipped {summary['skipped']}"
+          f"{f' ({describe_skipped(reasons)})' if reasons else ''} -> {summary['output']}")
     return 0
 
 

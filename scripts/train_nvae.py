@@ -8,13 +8,13 @@ from trainer.errors import run_cli
 
 
 def main() -> None:
-    from trainer.cli import training_parser
-    from trainer.config.loader import load_config
-    from trainer.config.nvae import NVAETrainingConfig, architecture_dict
+    from trainer.cli import parse_training_args, print_config, training_config, training_parser
 
-    args = training_parser(__doc__.splitlines()[0]).parse_args()
-    overrides = list(args.overrides) + ([f"data.shards={args.data}"] if args.data else [])
-    cfg = load_config(NVAETrainingConfig, "nvae", args.config, overrides, expand={"model": architecture_dict})
+    args = parse_training_args(training_parser(__doc__.splitlines()[0], "nvae"))
+    cfg = training_config("nvae", args)
+    if args.print_config:
+        print_config(cfg)
+        return
 
     from trainer.nvae.loop import train_nvae  # heavy imports only after the config is known to be valid
 

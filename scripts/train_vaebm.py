@@ -11,19 +11,18 @@ from trainer.errors import run_cli
 
 
 def main() -> None:
-    from trainer.cli import training_parser
-    from trainer.config.ebm import VAEBMTrainingConfig
-    from trainer.config.loader import load_config
+    from trainer.cli import parse_training_args, print_config, training_config, training_parser
 
-    parser = training_parser(__doc__.splitlines()[0])
+    parser = training_parser(__doc__.splitlines()[0], "vaebm")
     parser.add_argument("--vae", default=None, help="NVAE run directory or checkpoint (sets vae.path)")
     parser.add_argument("--resume-from", default=None, type=Path, help="a checkpoint of this run to roll back to")
-    args = parser.parse_args()
-    overrides = list(args.overrides) + ([f"data.shards={args.data}"] if args.data else []) \
-        + ([f"vae.path={args.vae}"] if args.vae else [])
-    cfg = load_config(VAEBMTrainingConfig, "vaebm", args.config, overrides)
+    args = parse_training_args(parser)
+    cfg = training_config("vaebm", args, [f"vae.path={args.vae}"] if args.vae else [])
+    if args.print_config:
+        print_config(cfg)
+        return
 
-    from trainer.ebm.loop import train_vaebm
+    from trainer.ebm.loop import train_vaebm  # heavy imports only after the config is known to be valid
 
     train_vaebm(cfg, Path(args.run_dir), resume_from=args.resume_from)
 

@@ -165,7 +165,7 @@ def test_nvae_training_continues_from_an_import(nvae_run, cache_dir, tmp_path):
 
 def _fake_launch(processes: int, rank: int):
     accelerator = SimpleNamespace(num_processes=processes, process_index=rank, scaler=None, unwrap_model=lambda m: m)
-    return SimpleNamespace(accelerator=accelerator, deepspeed=False)
+    return SimpleNamespace(accelerator=accelerator, deepspeed=False, unwrap=lambda m: m)
 
 
 class _UntouchedStream:

@@ -59,11 +59,10 @@ def _make_bad_case(case: str, tmp_path: Path) -> tuple[list, Path, str]:
         (source / "readme.txt").write_text("hello")
         (source / "data.csv").write_text("1,2")
         return ["--input", source], out, "no image files"
-    if case == "image_too_small":
-        for i in range(4):
-            _save_png(source / f"ok{i}.png", 40, 40)
-        _save_png(source / "zz_small.png", 50, 12)
-        return ["--input", source, "--samples-per-shard", "2"], out, "zz_small.png is 50x12"
+    if case == "only_small_images":  # a small image among usable ones is skipped (tests/test_own_images.py)
+        for i in range(2):
+            _save_png(source / f"small{i}.png", 50, 12)
+        return ["--input", source, "--samples-per-shard", "2"], out, "no usable images"
     if case == "output_under_a_file":
         _save_png(source / "ok.png", 40, 40)
         (tmp_path / "afile").write_text("x")
@@ -76,7 +75,7 @@ def _make_bad_case(case: str, tmp_path: Path) -> tuple[list, Path, str]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing_input", "empty_folder", "only_non_images", "image_too_small",
+@pytest.mark.parametrize("case", ["missing_input", "empty_folder", "only_non_images", "only_small_images",
                                   "output_under_a_file", "existing_index"])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path):
     args, out, named = _make_bad_case(case, tmp_path)

@@ -14,6 +14,7 @@ in a consolidator (`register_consolidator`) that gathers the shards into one sta
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -142,6 +143,30 @@ def parse_temperatures(text: str) -> list[float]:
     return sorted(set(values))
 
 
+def pass_reporter(temperature: float, passes: int, log: Callable[[str], None]) -> Callable[[int], None]:
+    """A `progress(done)` callback that logs every tenth of the passes, with the time taken and left."""
+    start, every = time.monotonic(), max(1, passes // 10)
+
+    def report(done: int) -> None:
+        if done % every and done != passes:
+            return
+        elapsed = time.monotonic() - start
+        left = f", about {format_seconds(elapsed / done * (passes - done))} left" if done < passes else ""
+        log(f"  t={temperature:g}: {done}/{passes} passes, {format_seconds(elapsed)}{left}")
+
+    return report
+
+
+def format_seconds(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '1 h 02 min'."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: str | None = None,
                temperatures: tuple[float, ...] | list[float] = DEFAULT_TEMPERATURES, bn_passes: int = 500,
                bn_batch_size: int = 16, seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False,
@@ -177,8 +202,10 @@ def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: st
         # checkpoint's tensors exactly (the per-temperature cache is not part of the state dict).
         trained = {k: v.clone() for k, v in vae.state_dict().items()}
         for t in temperatures:
-            log(f"readjusting BN statistics at temperature {t:g} ({bn_passes} passes of batch {bn_batch_size})")
-            with vae.temperature_statistics(t, passes=bn_passes, batch_size=bn_batch_size, generator=generator):
+            log(f"readjusting BN statistics at temperature {t:g} ({bn_passes} passes of batch {bn_batch_size}; "
+                f"fewer with --bn-passes for a quick export)")
+            with vae.temperature_statistics(t, passes=bn_passes, batch_size=bn_batch_size, generator=generator,
+                                            progress=pass_reporter(t, bn_passes, log)):
                 pass  # computes and caches; the original statistics come back on exit
         vae.load_state_dict(trained)
         exported_temperatures = vae.cached_temperatures()

@@ -12,7 +12,7 @@ safetensors can store directly.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -46,18 +46,22 @@ class BNStatisticsMixin:
 
     @torch.no_grad()
     def readjust_bn(
-        self, temperature: float, passes: int = 500, batch_size: int = 16, generator: torch.Generator | None = None
+        self, temperature: float, passes: int = 500, batch_size: int = 16, generator: torch.Generator | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         """Re-estimate the generative-path BN running statistics at `temperature`.
 
         The whole model goes to eval mode, the generative-path BN layers to train mode, `sample`
-        runs `passes` times under no_grad, and the model ends in eval mode.
+        runs `passes` times under no_grad, and the model ends in eval mode. `progress(passes done)`
+        is called after every pass (the caller reports; models never log).
         """
         self.eval()  # type: ignore[attr-defined]
         for _, layer in self.bn_layers(generative_only=True):
             layer.train()
-        for _ in range(passes):
+        for done in range(1, passes + 1):
             self.sample(batch_size, temperature=temperature, generator=generator)  # type: ignore[attr-defined]
+            if progress is not None:
+                progress(done)
         self.eval()  # type: ignore[attr-defined]
 
     def bn_statistics(self, generative_only: bool = True) -> dict[str, torch.Tensor]:
@@ -80,17 +84,19 @@ class BNStatisticsMixin:
 
     @contextlib.contextmanager
     def temperature_statistics(
-        self, temperature: float, passes: int = 500, batch_size: int = 16, generator: torch.Generator | None = None
+        self, temperature: float, passes: int = 500, batch_size: int = 16, generator: torch.Generator | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> Iterator[None]:
         """Within the block, the generative-path BN layers use the statistics re-adjusted for
-        `temperature` (computed with `readjust_bn` and cached on first use); on exit the original
-        statistics come back. Leaves the model in eval mode when it had to re-adjust.
+        `temperature` (computed with `readjust_bn` and cached on first use, reporting to `progress`); on
+        exit the original statistics come back. Leaves the model in eval mode when it had to re-adjust.
         """
         key = temperature_key(temperature)
         original = self.bn_statistics(generative_only=True)
         try:
             if key not in self._bn_cache:
-                self.readjust_bn(temperature, passes=passes, batch_size=batch_size, generator=generator)
+                self.readjust_bn(temperature, passes=passes, batch_size=batch_size, generator=generator,
+                                 progress=progress)
                 self._bn_cache[key] = self.bn_statistics(generative_only=True)
             else:
                 self.load_bn_statistics(self._bn_cache[key])

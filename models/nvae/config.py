@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from models.vampprior import PSEUDO_INITS
+from models.configs import PSEUDO_INITS
 
 PRIORS = ("standard", "vamp")  # the prior of the top latent group (names as in models/hvae.py)
 

@@ -127,7 +127,7 @@ def bench_vaebm_step(vae, energy, cfg, batch_size: int, steps: int = 3, warmup: 
     optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                  weight_decay=cfg.optim.weight_decay)
     energy, optimizer = launch.accelerator.prepare(energy, optimizer)
-    net = launch.accelerator.unwrap_model(energy)
+    net = launch.unwrap(energy)
     adapter = build_adapter(cfg.method, vae, net, cfg.vae.temperature)
     buffer = ReplayBuffer(vae.latent_shapes, capacity=4 * batch_size) if cfg.replay.enabled else None
     update = EnergyUpdate(energy, net, optimizer, adapter, buffer, None, launch, cfg,

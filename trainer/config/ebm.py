@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from models.adapters import METHODS
-from models.energy import LAYOUTS, EnergyNetConfig
+from models.configs import LAYOUTS, METHODS, EnergyNetConfig
 from trainer.config.common import DataConfig, EvalConfig, TrainConfig
 
 LANGEVIN_AUTOCAST = ("no", "bf16")

@@ -11,6 +11,7 @@ naming the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -111,12 +112,27 @@ def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in names:
-            raise UserError(f"unknown config key '{key}'")
+            raise UserError(f"unknown config key '{key}'{did_you_mean(str(name), cls, prefix)}")
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field without a default
         raise UserError(f"config section '{prefix or '<root>'}': {err}") from None
+
+
+def did_you_mean(name: str, cls: type, prefix: str = "") -> str:
+    """` (did you mean 'train.max_steps'?)` for a misspelt key of section `cls`, or a key put in the wrong section."""
+    dotted = lambda key: f"{prefix}.{key}" if prefix else key
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    close = difflib.get_close_matches(name, fields, n=1)
+    if close:
+        return f" (did you mean '{dotted(close[0])}'?)"
+    hints = typing.get_type_hints(cls)
+    for field in fields:  # e.g. `max_steps=5` for `train.max_steps=5`
+        sections = [t for t in typing.get_args(hints[field]) or (hints[field],) if dataclasses.is_dataclass(t)]
+        if any(name in {f.name for f in dataclasses.fields(section)} for section in sections):
+            return f" (did you mean '{dotted(field)}.{name}'?)"
+    return ""
 
 
 def to_dict(cfg: Any) -> dict:
@@ -195,8 +211,10 @@ def resolve_preset(kind: str, preset_or_path: str) -> tuple[dict, str]:
         return read_yaml(candidate), str(candidate)
     preset = PRESET_DIR / kind / f"{preset_or_path}.yaml"
     if not preset.is_file():
-        known = ", ".join(list_presets(kind))
-        raise UserError(f"unknown preset '{preset_or_path}' (known: {known}; or give a .yaml path)")
+        presets = list_presets(kind)
+        close = difflib.get_close_matches(preset_or_path, presets, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise UserError(f"unknown preset '{preset_or_path}' ({hint}known: {', '.join(presets)}; or give a .yaml path)")
     return read_yaml(preset), f"preset {kind}/{preset_or_path}"
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from models.hvae import HVAEConfig
-from models.mlp_vae import MLPVAEConfig
+from models.configs import HVAEConfig, MLPVAEConfig
 from models.nvae.config import NVAEConfig
 from trainer.config.common import DataConfig, EvalConfig, TrainConfig
 from trainer.errors import UserError
@@ -71,7 +70,10 @@ class NVAETrainingConfig:
             raise ValueError("loss.kl_balance must be false for a VAE/HVAE (model.levels): the VampPrior paper warms up "
                              "the plain KL")
         if self.data.image_size != self.model.image_size:
-            raise ValueError(f"data.image_size ({self.data.image_size}) must equal model.image_size ({self.model.image_size})")
+            size = self.data.image_size
+            raise ValueError(f"data.image_size ({size}) must equal model.image_size ({self.model.image_size}): set "
+                             f"both (data.image_size={size} model.image_size={size}), or neither with --data "
+                             f"(the size is then read from the shards)")
 
 
 def architecture_dict(name: str) -> dict:

@@ -32,7 +32,7 @@ from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.ebm.finetune import GeneratorFinetuner
 from trainer.ebm.objective import clip_to_adam_rms, ebm_loss
 from trainer.ebm.replay import ReplayBuffer, replay_probability
-from trainer.ebm.sources import load_frozen_vae
+from trainer.ebm.sources import check_vae_fits_data, load_frozen_vae
 from trainer.errors import UserError
 from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save, is_imported,
                                     latest_checkpoint, restore_process_state, rng_state)
@@ -43,7 +43,7 @@ from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
 from trainer.run.launch import (Launch, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb,
                                 process_seed, seed_everything)
 from trainer.run.monitor import Progress, RunMonitor, parameter_count
-from trainer.run.rundir import mark_diverged, prepare_run_dir, stop_requested
+from trainer.run.rundir import check_run_dir, mark_diverged, prepare_run_dir, stop_requested
 
 GRID_CHAINS = 8
 GRID_SEED = 4321  # the fixed chains of the before/after-Langevin grids
@@ -55,18 +55,19 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
     launch = make_accelerator(cfg.train, run_dir)
     accelerator = launch.accelerator
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    run_dir = prepare_run_dir(run_dir, cfg, accelerator, kind="vaebm", section="energy",
-                              resume_from=resume_from)
+    # Nothing is written until everything below has loaded (a --vae that is not a run leaves no run dir).
+    run_dir = check_run_dir(run_dir, cfg, section="energy", resume_from=resume_from)
 
     # The frozen VAE, the energy, its optimizer, the replay buffer, data.
     vae, vae_checkpoint = load_frozen_vae(cfg.vae.path, cfg.vae.weights, device)  # never wrapped or trained
+    check_vae_fits_data(vae, cfg.data, cfg.vae.path)
     seed_everything(cfg.train.seed)
     energy = build_energy(cfg.energy, vae.z_shapes)  # a latent energy scores z, not the noise
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=betas,
                                  weight_decay=cfg.optim.weight_decay)
     energy, optimizer = accelerator.prepare(energy, optimizer)
-    net = accelerator.unwrap_model(energy)  # Langevin runs on the bare module, never through DDP/DeepSpeed
+    net = launch.unwrap(energy)  # Langevin runs on the bare module, never through DDP/DeepSpeed
     adapter = build_adapter(cfg.method, vae, net, cfg.vae.temperature)
     finetuner = GeneratorFinetuner(vae, cfg.vae.finetune_lr, accelerator) if cfg.vae.finetune else None
     buffer = None
@@ -81,6 +82,7 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
     noise_rank = rank if cfg.data.split == "shards" else 0  # global: the same chain noise on every process
     update = EnergyUpdate(energy, net, optimizer, adapter, buffer, finetuner, launch, cfg, rows=rows,
                           noise_rank=noise_rank)
+    prepare_run_dir(run_dir, cfg, accelerator, kind="vaebm", section="energy", resume_from=resume_from)
 
     # Resume, or initialize the energy from data.
     step, checkpoint_path = 0, resume_from or latest_checkpoint(run_dir)
@@ -329,7 +331,7 @@ def restore(checkpoint: Checkpoint, energy, optimizer, buffer, detector, stream,
     accelerator = launch.accelerator
     check_resumable(checkpoint, launch)
     imported = is_imported(checkpoint)
-    net = accelerator.unwrap_model(energy)
+    net = launch.unwrap(energy)
     net.load_state_dict(checkpoint.tensors("energy.safetensors"))  # includes spectral u/v and data-init flags
     if launch.deepspeed:
         energy.load_checkpoint(str(checkpoint.path / "deepspeed"), tag="state")

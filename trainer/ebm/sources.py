@@ -50,6 +50,17 @@ def load_frozen_vae(path: str | Path, weights: str = "ema", device: torch.device
     return vae.to(device).eval().requires_grad_(False), checkpoint_dir
 
 
+def check_vae_fits_data(vae, data, vae_path) -> None:
+    """Refuse data whose images are not the size the frozen VAE makes (the energy scores both in one batch)."""
+    if len(vae.image_shape) != 3 or data.is_toy:
+        return
+    side = vae.image_shape[-1]
+    if side != data.image_size:
+        raise UserError(f"the VAE '{vae_path}' makes {side}x{side} images but the data are {data.image_size}x"
+                        f"{data.image_size} (data.image_size); train the NVAE on these images first, or give data of "
+                        f"that size (make_shards.py --size {side}, or data.image_size={side} for a bundled dataset)")
+
+
 def load_trained_energy(run_dir: Path, device, latent_shapes=None) -> torch.nn.Module:
     """The energy network of an energy run's newest checkpoint, in eval mode with requires_grad off.
     A latent energy (joint prior) needs the shapes of the VAE's latents (`vae.z_shapes`)."""

@@ -9,8 +9,10 @@ Modules are imported lazily: `evaluate.py fid` does not import what `modes` need
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
+from pathlib import Path
 
 # name on the command line → module under trainer/evaluation/ (one line each; keep sorted by paper section)
 EXPERIMENTS: dict[str, str] = {
@@ -29,6 +31,13 @@ EXPERIMENTS: dict[str, str] = {
 def experiment_module(name: str):
     """The module implementing experiment `name` (imported on first use)."""
     return importlib.import_module(f"trainer.evaluation.{EXPERIMENTS[name]}")
+
+
+def summary(name: str) -> str:
+    """The first line of experiment `name`'s docstring, read from its source without importing it (nor torch)."""
+    spec = importlib.util.find_spec(f"trainer.evaluation.{EXPERIMENTS[name]}")
+    doc = ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+    return doc.split("\n")[0]
 
 
 def available() -> list[str]:

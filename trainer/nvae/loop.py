@@ -36,7 +36,7 @@ from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
 from trainer.run.launch import (Launch, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb,
                                 process_seed, seed_everything, shard_directory)
 from trainer.run.monitor import Progress, RunMonitor, parameter_count
-from trainer.run.rundir import prepare_run_dir, stop_requested
+from trainer.run.rundir import check_run_dir, prepare_run_dir, stop_requested
 
 SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -46,7 +46,7 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     # Launch.
     launch = make_accelerator(cfg.train, run_dir)
     accelerator = launch.accelerator
-    run_dir = prepare_run_dir(run_dir, cfg, accelerator, kind="nvae")
+    run_dir = check_run_dir(run_dir, cfg)  # nothing is written until everything below has loaded
 
     # Model, EMA, optimizer, data.
     seed_everything(cfg.train.seed)  # identical initial weights on every process
@@ -58,7 +58,7 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps,
                                    weight_decay=cfg.optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    net = accelerator.unwrap_model(model)
+    net = launch.unwrap(model)
     ema.shadow.to(accelerator.device)
     # Synchronized BN over the processes (the EMA copy runs in eval mode, on running statistics).
     set_batchnorm_sync(net, cfg.train.sync_bn and accelerator.num_processes > 1)
@@ -74,6 +74,7 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
                         rows=BatchRows.of(cfg.data, cfg.train.per_device_batch_size, accelerator),
                         alphas=kl_balance_alphas(net.groups_per_scale_decoder_order).to(accelerator.device),
                         reduce_mean=mean_across_processes(accelerator))  # KL balancing over the global batch
+    prepare_run_dir(run_dir, cfg, accelerator, kind="nvae")
 
     # Resume.
     step = 0
@@ -256,7 +257,7 @@ def restore(checkpoint: Checkpoint, model, ema: EMA, optimizer, launch: Launch, 
     """
     accelerator = launch.accelerator
     check_resumable(checkpoint, launch)
-    net = accelerator.unwrap_model(model)
+    net = launch.unwrap(model)
     if launch.deepspeed:
         # DeepSpeed reads its own shards (it unpickles them: resume only from runs you wrote).
         model.load_checkpoint(str(checkpoint.path / "deepspeed"), tag="state")

@@ -34,6 +34,16 @@ class Launch:
             return self.accelerator.autocast()
         return torch.autocast(self.accelerator.device.type, dtype=self.autocast_dtype)
 
+    def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The bare module inside a DDP wrapper or a DeepSpeed engine.
+
+        Only a DeepSpeed launch asks Accelerate: its `unwrap_model` imports deepspeed whenever it is
+        installed, which costs seconds and prints an accelerator-detection warning on a CPU machine.
+        """
+        if self.deepspeed:
+            return self.accelerator.unwrap_model(module)
+        return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
 
 def make_accelerator(train: TrainConfig, run_dir: Path | None = None) -> Launch:
     """An Accelerator for this launch, with gradient accumulation derived from the batch sizes, and the

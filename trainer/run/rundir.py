@@ -23,10 +23,11 @@ DIVERGED_MARKER = "DIVERGED.json"
 RUNTIME_KEYS = {"gradient_checkpointing", "channels_last"}
 
 
-def prepare_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str = "model",
-                    resume_from: Path | None = None) -> Path:
-    """Create (or reopen) a run directory and write the resolved config. The main process writes.
+def check_run_dir(run_dir: Path, cfg, *, section: str = "model", resume_from: Path | None = None) -> Path:
+    """Refuse a run directory this config may not use (another network, a diverged run); writes nothing.
 
+    The trainers call it first, then load what can still fail (data, VAE, models), and only then
+    `prepare_run_dir`, so a start that fails leaves no run directory behind and a corrected retry works.
     `section` names the config section that fixes the network's shapes (model, energy).
     """
     run_dir = Path(run_dir).expanduser()
@@ -50,6 +51,17 @@ def prepare_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str 
                             f"(e.g. optim.lr, langevin.step_size) to resume from '{resume_from}'")
     if resume_from is not None:
         _check_resume_point(run_dir, Path(resume_from))
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str = "model",
+                    resume_from: Path | None = None) -> Path:
+    """Create (or reopen) a run directory and write the resolved config. The main process writes.
+
+    Checks first (`check_run_dir`); `section` names the config section that fixes the network's shapes.
+    """
+    run_dir = check_run_dir(run_dir, cfg, section=section, resume_from=resume_from)
+    config_path, marker = run_dir / "config.yaml", run_dir / DIVERGED_MARKER
     if accelerator.is_main_process:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
