@@ -191,6 +191,44 @@ def test_nvae_prior_log_prob_is_the_change_of_variables(tmp_path):
     torch.testing.assert_close(vae.prior_log_prob(z).detach(), expected, rtol=1e-4, atol=1e-3)
 
 
+def test_finetune_on_an_nvae_with_batchnorm_moves_bn_statistics_only_by_the_data():
+    """Generator fine-tuning on an NVAE: the data's forward pass trains (batch statistics, running statistics
+    updated), the negatives' log-prior is the eval-mode prior Langevin sampled from (it must not update the BN
+    statistics), and the step changes the weights."""
+    from types import SimpleNamespace
+
+    from models.latent_energy import LatentEnergy
+    from models.registry import build_vae
+    from trainer.config.loader import load_config
+    from trainer.config.nvae import NVAETrainingConfig, architecture_dict
+    from trainer.ebm.finetune import GeneratorFinetuner
+
+    cfg = load_config(NVAETrainingConfig, "nvae", "digits16", [], expand={"model": architecture_dict}).model
+    torch.manual_seed(0)
+    vae = build_vae(cfg).eval()
+    twin = build_vae(cfg).eval()
+    twin.load_state_dict(vae.state_dict())
+    x = torch.rand(4, *vae.image_shape) * 2 - 1
+    with torch.no_grad():
+        negatives = [z.detach() for z in vae.decode([torch.randn(4, *s) for s in vae.latent_shapes]).z]
+    energy = LatentEnergy([tuple(z.shape[1:]) for z in negatives], hidden=16)
+    accelerator = SimpleNamespace(num_processes=1)
+    finetuner = GeneratorFinetuner(vae, lr=1e-3, accelerator=accelerator)
+    torch.manual_seed(1)
+    terms = finetuner.step(x, negatives, energy)
+    twin.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        twin(x)  # the data's forward pass alone, with the same posterior noise
+    twin.eval()
+    buffers, twin_buffers = dict(vae.named_buffers()), dict(twin.named_buffers())
+    bn = [name for name in buffers if name.endswith(("running_mean", "running_var"))]
+    assert bn and all(torch.equal(buffers[name], twin_buffers[name]) for name in bn)
+    assert not vae.training and terms["finetune/skipped"] == 0.0
+    weights, twin_weights = dict(vae.named_parameters()), dict(twin.named_parameters())
+    assert any(not torch.equal(weights[name], twin_weights[name]) for name in weights)
+
+
 @pytest.mark.slow
 def test_joint_finetune_trains_the_vae_resumes_exactly_and_exports_it(tmp_path, toy_vae):
     straight, paused = tmp_path / "straight", tmp_path / "paused"

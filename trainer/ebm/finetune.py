@@ -31,7 +31,7 @@ def finetune_loss(recon: torch.Tensor, kl: torch.Tensor, energy_of_posterior: to
 
 class GeneratorFinetuner:
     """Trains the VAE of a joint-prior run alongside its energy. The VAE stays in eval mode between steps
-    (Langevin and positives use its running BN statistics), and in train mode inside `step`."""
+    (Langevin and positives use its running BN statistics); only the data's forward pass runs in train mode."""
 
     def __init__(self, vae: torch.nn.Module, lr: float, accelerator):
         if not hasattr(vae, "prior_log_prob"):
@@ -48,11 +48,14 @@ class GeneratorFinetuner:
         try:
             output = self.vae(x)
             kl = torch.stack(output.kl_per_group, dim=1).sum(dim=1)
-            log_prior_neg = self.vae.prior_log_prob([z.detach() for z in z_negatives])
-            loss, terms = finetune_loss(-output.recon_log_prob, kl, energy(output.z), log_prior_neg)
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         finally:
             self.vae.eval()
+        # ∇_β log Z = E_{p_αβ}[∇_β log p_β(z−)]: the prior the negatives were drawn from is the eval-mode one (running
+        # BN statistics, as Langevin ran it), so its log-density is taken in eval mode too, which also keeps the
+        # negatives from moving the BN statistics.
+        log_prior_neg = self.vae.prior_log_prob([z.detach() for z in z_negatives])
+        loss, terms = finetune_loss(-output.recon_log_prob, kl, energy(output.z), log_prior_neg)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         for param, grad in zip(self.params, grads):
             grad = torch.zeros_like(param) if grad is None else grad
             param.grad = self.accelerator.reduce(grad, reduction="mean") if self.accelerator.num_processes > 1 else grad
