@@ -31,8 +31,11 @@ SHARES_MODELS = {"modes", "fd-digits", "ood", "latent-tilting", "joint-prior"}  
 # (experiment, what, JSON key, paper's figure or "") — the rows of the table, in order.
 ROWS = [
     ("toy-likelihood", "25-Gaussians test LL, VAE (nats)", "vae_ll", "−2.97"),
-    ("toy-likelihood", "25-Gaussians test LL, VAEBM (nats)", "vaebm_ll", "−1.50"),
+    ("toy-likelihood", "25-Gaussians test LL, VAEBM, Langevin in ε-space (nats)", "vaebm_ll", "−1.50"),
+    ("toy-likelihood", "25-Gaussians test LL, VAEBM, log Z on a grid (nats)", "vaebm_ll_grid", ""),
+    ("toy-likelihood", "25-Gaussians test LL, reference trainer with exact negatives (nats)", "vaebm_reference_ll", ""),
     ("toy-likelihood", "25-Gaussians test LL, truth (nats)", "true_ll", "−1.10"),
+    ("toy-likelihood", "25-Gaussians log Z: Monte Carlo / grid / effective sample size", "log_z,log_z_grid,log_z_ess", ""),
     ("modes", "digit classifier held-out accuracy", "classifier_acc", ""),
     ("modes", "stacked digits: modes covered, NVAE (of 1000)", "nvae_modes", ""),
     ("modes", "stacked digits: modes covered, VAEBM (of 1000)", "vaebm_modes", "1000"),
@@ -165,18 +168,20 @@ def render(args: argparse.Namespace, status: dict[str, tuple[int, float, str]]) 
             value = f"not run: {why}" if why else f"failed (exit {code}, see {name}.log)"
         else:
             result = json.loads(path.read_text())
-            value = " / ".join(_format(result.get(key)) for key in keys.split(","))
+            value = " / ".join(_format(result.get(key), result.get(f"{key}_seed_stderr")) for key in keys.split(","))
         lines.append(f"| {name} | {what} | {value} | {paper} |")
     lines += ["", "| experiment | minutes |", "|---|---|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, (_, seconds, _) in status.items()]
     return "\n".join(lines) + "\n"
 
 
-def _format(value) -> str:
+def _format(value, stderr=None) -> str:
+    """A table cell: the value (4 significant digits, typographic minus), ± its standard error across seeds."""
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.4g}".replace("-", "−")
+        text = f"{value:.4g}".replace("-", "−")
+        return text if stderr is None else f"{text} ± {stderr:.2g}"
     return str(value)
 
 
