@@ -12,6 +12,7 @@ is biased upward against FID-50k: compare runs at the same `fid_samples`, never 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ class TrainConfig:
     per_device_batch_size: int = 32  # images per forward pass on one process; accumulation is derived
     seed: int = 0
     mixed_precision: str = "auto"    # auto (as launched), no, bf16, fp16 (with loss scaling)
+    fp16_init_scale: float = 1024.0  # fp16: the loss scaler's first scale, halved at every overflowed (skipped)
+                                     # step, doubled after 2000 good ones (PyTorch's default is 65536; the
+                                     # official NVAE starts at 1024)
     ema_decay: float = 0.999
     log_every: int = 10              # steps between stats.jsonl rows and TensorBoard scalars
     image_every: int = 500           # steps between TensorBoard image grids (0: only at the end)
@@ -90,6 +94,8 @@ class TrainConfig:
                              f"per_device_batch_size ({self.per_device_batch_size})")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got '{self.mixed_precision}'")
+        if not (self.fp16_init_scale > 0 and math.isfinite(self.fp16_init_scale)):
+            raise ValueError(f"fp16_init_scale must be a finite number > 0, got {self.fp16_init_scale}")
         if self.keep_checkpoints < 2:
             raise ValueError(f"keep_checkpoints must be >= 2 (the newest may be mid-write), got {self.keep_checkpoints}")
         if not 0.0 <= self.ema_decay < 1.0:

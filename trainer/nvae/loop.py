@@ -155,7 +155,8 @@ class StepResult:
     spectral_coeff: float
     grad_norm: float
     images: int             # images in the step, all processes together
-    skipped: int            # 1 if the update was skipped for a non-finite gradient
+    skipped: int            # 1 if the update was skipped for a non-finite gradient (fp16: an overflow)
+    loss_scale: float | None = None  # fp16: the loss scaler's scale after the step
 
 
 class NVAEUpdate:
@@ -201,15 +202,20 @@ class NVAEUpdate:
             grad_norm = self.model.get_global_grad_norm() or 0.0
             self.ema.update(self.net)
         else:
-            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
-            if any_rank(accelerator, not math.isfinite(float(grad_norm))):
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))  # unscaled (fp16)
+            if accelerator.scaler is not None:  # fp16: the scaler skips an overflowed step, lowers its scale
+                self.optimizer.step()
+                skipped = int(self.optimizer.step_was_skipped)
+            elif any_rank(accelerator, not math.isfinite(float(grad_norm))):
                 skipped = 1  # a non-finite gradient: skip this update, keep going
             else:
                 self.optimizer.step()
+            if not skipped:
                 self.ema.update(self.net)
             self.optimizer.zero_grad(set_to_none=True)
+        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
         return StepResult(float(loss.detach()), terms, output, lr, beta, lam, float(grad_norm), images,
-                          skipped)
+                          skipped, scale)
 
 
 def log_row(result: StepResult, progress: Progress, skipped_samples: int, device) -> dict[str, float]:
@@ -219,7 +225,8 @@ def log_row(result: StepResult, progress: Progress, skipped_samples: int, device
             "spectral": result.terms["spectral"], "bn": result.terms["bn"], "lr": result.lr,
             "grad_norm": result.grad_norm, "img_per_s": progress.images_per_second(),
             "skipped_updates": progress.skipped_updates, "data/skipped_samples": skipped_samples,
-            "peak_mem_mb": peak_memory_mb(device)}
+            "peak_mem_mb": peak_memory_mb(device),
+            **({"loss_scale": result.loss_scale} if result.loss_scale is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------------

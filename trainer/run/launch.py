@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.utils import GradScalerKwargs
 
 from trainer.config.common import DataConfig, TrainConfig
 from trainer.errors import UserError
@@ -64,10 +65,23 @@ def make_accelerator(train: TrainConfig) -> Launch:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         return Launch(accelerator, accumulation, deepspeed=True, autocast_dtype=dtype)
     accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision, cpu=cpu,
-                              gradient_accumulation_steps=accumulation)
+                              gradient_accumulation_steps=accumulation,
+                              kwargs_handlers=[GradScalerKwargs(init_scale=train.fp16_init_scale)])
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        _enable_cpu_fp16(accelerator, train.fp16_init_scale)
     if launched_processes != accelerator.num_processes:
         raise RuntimeError(f"launched {launched_processes} processes but Accelerate sees {accelerator.num_processes}")
     return Launch(accelerator, accumulation, deepspeed=False, autocast_dtype=None)
+
+
+def _enable_cpu_fp16(accelerator: Accelerator, init_scale: float) -> None:
+    """fp16 on a CPU: Accelerate 1.15 accepts it but then trains in fp32 (no autocast, no loss scaler).
+    PyTorch's CPU autocast runs fp16 and `torch.amp.GradScaler("cpu")` scales the loss, so switch on
+    Accelerate's own mixed-precision path with that scaler: `prepare` then autocasts the model's forward,
+    `backward` scales, `clip_grad_norm_` unscales and the prepared optimizer steps through the scaler
+    (skipping steps whose gradients overflowed). Must run before `prepare`."""
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
 
 
 def _mixed_precision(configured: str, use_deepspeed: bool) -> str:
