@@ -80,7 +80,7 @@ class Conv2d(nn.Conv2d):
         else:
             self.register_parameter("log_weight_norm", None)
         self.register_buffer("data_init_done", torch.tensor(not self.data_init), persistent=True)
-        self._init_pending = self.data_init  # False once `data_init_done` was seen set (see `_needs_data_init`)
+        self._init_pending = self.data_init  # False once `data_init_done` is known to be set (see `forward`)
         self._forward_weight = None  # (weak reference to the last training forward's kernel, parameter versions)
 
     @staticmethod
@@ -111,11 +111,13 @@ class Conv2d(nn.Conv2d):
         weight, log_g = self.weight, self.log_weight_norm
         return id(weight), weight._version, id(log_g), log_g._version
 
-    def _needs_data_init(self) -> bool:
-        """Whether the data-dependent init is still to run; reads the buffer only until it is set."""
-        if self._init_pending:
-            self._init_pending = not bool(self.data_init_done)
-        return self._init_pending
+    @torch.compiler.disable  # once per layer: never worth compiling
+    def _initialize_if_needed(self, x: torch.Tensor) -> None:
+        """The data-dependent init, unless the `data_init_done` buffer (e.g. loaded) says it ran already."""
+        if bool(self.data_init_done):
+            self._init_pending = False
+        else:
+            self._initialize_from_data(x)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
@@ -141,8 +143,8 @@ class Conv2d(nn.Conv2d):
         self._init_pending = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self._needs_data_init():
-            self._initialize_from_data(x)
+        if self.training and self._init_pending:  # a Python flag: compiled code holds no branch on a tensor
+            self._initialize_if_needed(x)
         weight = self.effective_weight()
         # Kept weakly: it dies with the graph (after backward, or at once under no_grad or activation
         # checkpointing), so it never holds memory. Compiled code keeps nothing (the regularizer recomputes).

@@ -48,7 +48,7 @@ class SpectralRegularizer(nn.Module):
             self.register_buffer(f"u{index}", u)
             self.register_buffer(f"v{index}", v)
         self.register_buffer("warm", torch.tensor(False))
-        self._known_warm = False  # True once `warm` was seen set: the iteration count is then a Python branch
+        self._known_warm = False  # True once `warm` is known to be set (see `forward`)
 
     @property
     def num_layers(self) -> int:
@@ -56,7 +56,16 @@ class SpectralRegularizer(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """Sum of the spectral norms (a scalar), advancing the power iteration in place."""
-        iterations = self.iterations if self._is_warm() else self.first_iterations
+        if self._known_warm:  # a Python flag: compiled code holds no branch on a tensor
+            return self._spectral_sum(self.iterations)
+        return self._first_call()
+
+    @torch.compiler.disable  # once per run: compiling its 40 unrolled iterations would not pay
+    def _first_call(self) -> torch.Tensor:
+        """The first call (or the first after a load): the `warm` buffer says whether the iteration ran before."""
+        return self._spectral_sum(self.iterations if bool(self.warm) else self.first_iterations)
+
+    def _spectral_sum(self, iterations: int) -> torch.Tensor:
         total = None
         for index, members in enumerate(self._groups):
             weights = torch.stack([conv.regularized_weight().flatten(1) for conv in members])  # [G, R, C]
@@ -73,12 +82,6 @@ class SpectralRegularizer(nn.Module):
         if total is None:
             return torch.zeros(())
         return total
-
-    def _is_warm(self) -> bool:
-        """Whether the power iteration has run before (reads the buffer only until it is set)."""
-        if not self._known_warm:
-            self._known_warm = bool(self.warm)
-        return self._known_warm
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)

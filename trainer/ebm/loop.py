@@ -40,8 +40,8 @@ from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, collective
                                     sliced_noise)
 from trainer.run.divergence import Divergence, DivergenceDetector
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
-from trainer.run.launch import (Launch, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb,
-                                process_seed, seed_everything)
+from trainer.run.launch import (Launch, batch_inputs, compile_if_asked, make_accelerator, make_train_stream,
+                                peak_memory_mb, process_seed, seed_everything)
 from trainer.run.monitor import Progress, RunMonitor, parameter_count
 from trainer.run.rundir import mark_diverged, prepare_run_dir, stop_requested
 
@@ -97,7 +97,8 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
     replay = f", replay buffer {buffer.nbytes / 2**20:.1f} MB per process" if buffer else ""
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'} {cfg.method}: energy "
                 f"{parameter_count(net)}, VAE {vae_checkpoint}, {world} process(es), accumulation "
-                f"{launch.accumulation}, device {device}{replay}")
+                f"{launch.accumulation}, device {device}{replay}"
+                f"{f', compiled ({cfg.train.compile_backend})' if cfg.train.compile else ''}")
     saver = CheckpointSaver(run_dir, rank=rank, world_size=world, is_main=accelerator.is_main_process,
                             barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints)
     stop_step = min(cfg.train.max_steps, cfg.train.halt_at_step or cfg.train.max_steps)
@@ -190,6 +191,7 @@ class EnergyUpdate:
         self.buffer, self.finetuner, self.launch, self.cfg = buffer, finetuner, launch, cfg
         self.rows, self.noise_rank = rows, noise_rank
         self.autocast_dtype = torch.bfloat16 if cfg.langevin.autocast == "bf16" else None
+        compile_if_asked(net, cfg.train)  # Langevin calls the same (compiled) module
 
     def step(self, step: int, batches: Iterator[dict]) -> StepResult:
         """Take iteration number `step` (0-based) on the next micro-batches of `batches`."""

@@ -33,8 +33,8 @@ from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable
 from trainer.run.collective import BatchRows, any_rank, collective_rows, mean_across_processes, sliced_noise
 from trainer.run.ema import EMA
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
-from trainer.run.launch import (Launch, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb,
-                                process_seed, seed_everything, shard_directory)
+from trainer.run.launch import (Launch, batch_inputs, compile_if_asked, make_accelerator, make_train_stream,
+                                peak_memory_mb, process_seed, seed_everything, shard_directory)
 from trainer.run.monitor import Progress, RunMonitor, parameter_count
 from trainer.run.rundir import prepare_run_dir, stop_requested
 
@@ -86,6 +86,7 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     fid = make_training_fid(cfg, fixed is not None, accelerator, monitor.log)
     precision = str(launch.autocast_dtype or accelerator.mixed_precision)
     precision += " (DeepSpeed ZeRO)" if launch.deepspeed else ""
+    precision += f", compiled ({cfg.train.compile_backend})" if cfg.train.compile else ""
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'}: {parameter_count(net)}, "
                 f"{accelerator.num_processes} process(es), accumulation {launch.accumulation}, "
                 f"device {accelerator.device}, mixed precision {precision}")
@@ -168,6 +169,7 @@ class NVAEUpdate:
         self.model, self.net, self.ema, self.optimizer = model, net, ema, optimizer
         self.launch, self.cfg = launch, cfg
         self.rows, self.alphas, self.reduce_mean = rows, alphas, reduce_mean
+        compile_if_asked(net, cfg.train)  # the EMA copy (image grids, FID) stays uncompiled
 
     def step(self, step: int, batches: Iterator[dict]) -> StepResult:
         """Take optimizer step number `step` (0-based) on the next micro-batches of `batches`."""

@@ -92,6 +92,19 @@ def _mixed_precision(configured: str, use_deepspeed: bool) -> str:
     return "auto"
 
 
+def compile_if_asked(net: torch.nn.Module, train: TrainConfig) -> None:
+    """`train.compile`: compile the calls of `net` and of its spectral regularizer in place
+    (`nn.Module.compile`, so state dicts keep their keys and DDP/DeepSpeed wrappers call the compiled module).
+    The first calls compile (minutes with Inductor on a CPU); a new batch size recompiles once, with a
+    dynamic batch dimension."""
+    if not train.compile:
+        return
+    net.compile(backend=train.compile_backend)
+    spectral = getattr(net, "spectral", None)
+    if isinstance(spectral, torch.nn.Module):
+        spectral.compile(backend=train.compile_backend)
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (all devices), numpy and random."""
     random.seed(seed)
