@@ -199,7 +199,8 @@ def test_train_compile_switch_trains_like_eager(script, tmp_path, cache_dir, nva
     eager, compiled = _stats(tmp_path / "eager"), _stats(tmp_path / "compiled")
     assert len(eager) == len(compiled) == 2
     for a, b in zip(compiled, eager):
-        for key in ("loss", "spectral", *(("recon", "kl") if script == "train_nvae.py" else ("energy_pos", "energy_neg"))):
+        terms = ("recon", "kl") if script == "train_nvae.py" else ("energy_pos", "energy_neg")
+        for key in ("loss", "spectral", *terms):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a[key], b[key])
     weights = "model.safetensors" if script == "train_nvae.py" else "energy.safetensors"
     keys = [set(load_file(str(latest_checkpoint(tmp_path / run) / weights))) for run in ("eager", "compiled")]
