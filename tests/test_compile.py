@@ -55,6 +55,28 @@ def _update(module: torch.nn.Module, seed: int) -> None:
             param.add_(1e-3 * torch.randn(param.shape, generator=generator))
 
 
+def _compiled_step_matches_eager(module, compiled, eager, x, step: int, loss_tol: tuple[float, float],
+                                 grad_tol: tuple[float, float]) -> None:
+    """`compiled(x)` and `eager(x)` from the same state of `module` (the global RNG reseeded; its state dict,
+    BN statistics and power-iteration vectors included, restored before the eager pass): the same loss and
+    gradients within (rtol, atol). Then an in-place update of the weights, as an optimizer step."""
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    results = []
+    for fn in (compiled, eager):
+        if fn is eager:
+            module.load_state_dict(state)
+        torch.manual_seed(step)
+        module.zero_grad(set_to_none=True)
+        loss = fn(x)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in module.parameters()]))
+    (loss, grads), (expected, expected_grads) = results
+    torch.testing.assert_close(loss, expected, rtol=loss_tol[0], atol=loss_tol[1])
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=grad_tol[0], atol=grad_tol[1])
+    _update(module, step)
+
+
 def _nvae_and_images(seed: int = 0) -> tuple[NVAE, torch.Tensor]:
     torch.manual_seed(seed)
     return NVAE(TINY).train(), torch.rand(4, 3, 16, 16) * 2 - 1
@@ -78,21 +100,8 @@ def test_nvae_training_step_compiles_as_one_graph():
     training_loss(x).backward()  # the first step (40 power iterations) runs eagerly, as in training
     compiled, counter = _compile(training_loss)
     for step, x in enumerate(batches):
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        torch.manual_seed(step)
-        model.zero_grad(set_to_none=True)
-        loss = compiled(x)
-        loss.backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        model.load_state_dict(state)  # the same BN statistics and power-iteration state for the eager pass
-        torch.manual_seed(step)
-        model.zero_grad(set_to_none=True)
-        expected = training_loss(x)
-        expected.backward()
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
-        for grad, param in zip(grads, model.parameters()):
-            torch.testing.assert_close(grad, param.grad, rtol=1e-4, atol=1e-5)
-        _update(model, step)
+        _compiled_step_matches_eager(model, compiled, training_loss, x, step, loss_tol=(1e-5, 1e-4),
+                                     grad_tol=(1e-4, 1e-5))
     assert counter.frame_count == 1
 
 
@@ -136,20 +145,8 @@ def test_energy_networks_compile_as_one_graph(kind):
     loss_of(inputs(generator)).backward()  # warm power iteration, as after the first training step
     compiled, counter = _compile(loss_of)
     for step in range(3):
-        x = inputs(generator)
-        energy.zero_grad(set_to_none=True)
-        state = {k: v.clone() for k, v in energy.state_dict().items()}
-        loss = compiled(x)
-        loss.backward()
-        grads = [p.grad.clone() for p in energy.parameters()]
-        energy.load_state_dict(state)
-        energy.zero_grad(set_to_none=True)
-        expected = loss_of(x)
-        expected.backward()
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
-        for grad, param in zip(grads, energy.parameters()):
-            torch.testing.assert_close(grad, param.grad, rtol=1e-4, atol=1e-6)
-        _update(energy, step)
+        _compiled_step_matches_eager(energy, compiled, loss_of, inputs(generator), step, loss_tol=(1e-5, 1e-5),
+                                     grad_tol=(1e-4, 1e-6))
     assert counter.frame_count == 1
 
 

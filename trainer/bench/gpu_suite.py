@@ -433,8 +433,9 @@ def part_deepspeed(ctx: PartContext) -> None:
     precision = gpu_precision(ctx)
     with tempfile.TemporaryDirectory() as work:
         run_dir = Path(work) / "run"
-        command = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "1",
-                   "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no",
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage", "2",
+                   "--num_processes", "1", "--num_machines", "1", "--mixed_precision", precision,
+                   "--dynamo_backend", "no",
                    str(ROOT / "scripts" / "train_nvae.py"), "--config", "digits", "--run-dir", str(run_dir),
                    "train.max_steps=3", "train.log_every=1", "train.image_every=0", "train.progress_bar=false",
                    "train.per_device_batch_size=8", "train.global_batch_size=8", "data.num_workers=1",
