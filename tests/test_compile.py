@@ -202,3 +202,19 @@ def test_train_compile_switch_trains_like_eager(script, tmp_path, cache_dir, nva
     weights = "model.safetensors" if script == "train_nvae.py" else "energy.safetensors"
     keys = [set(load_file(str(latest_checkpoint(tmp_path / run) / weights))) for run in ("eager", "compiled")]
     assert keys[0] == keys[1]
+
+
+def test_train_compile_compiles_through_the_update_step():
+    """`train.compile` reaches the training step itself: NVAEUpdate steps (through `bench_nvae`) capture
+    graphs, and none without it. (The spectral regularizer compiles twice by design: its first call runs
+    eagerly, so the recompile check is off here.)"""
+    from trainer.bench.nvae import bench_nvae
+
+    captured = {}
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            torch._dynamo.utils.counters.clear()
+            bench_nvae(TINY, batch_size=2, steps=1, warmup=1, compile=compiled, compile_backend="aot_eager")
+            captured[compiled] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert captured[False] == 0 and captured[True] > 0
