@@ -83,7 +83,8 @@ class EnergyBase(nn.Module):
         was_training = self.training
         self.train()
         try:
-            self(x)
+            with torch.compiler.set_stance("force_eager"):  # a compiled network: one pass is not worth compiling
+                self(x)
         finally:
             self.train(was_training)
 

@@ -43,7 +43,7 @@ import torch
 
 __all__ = [
     "EnergyFn", "NoiseSource", "BatchNoise", "PerChainNoise", "chain_seed", "LangevinResult", "langevin",
-    "seeded_chains", "energy_on_generator",
+    "potential_gradient", "seeded_chains", "energy_on_generator",
 ]
 
 EnergyFn = Callable[[list[torch.Tensor]], torch.Tensor]
@@ -188,11 +188,6 @@ def langevin(
     device = noise[0].device
     shapes = [noise[i].shape for i in moving]
     drift, diffusion = -0.5 * step_size, math.sqrt(step_size)
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
     # Our own fp32 leaves; updated in place below (under no_grad), so no copy per step. Held ones take no grad.
     eps = [n.detach().to(torch.float32, copy=True).requires_grad_(i not in held) for i, n in enumerate(noise)]
     moved = [eps[i] for i in moving]
@@ -204,20 +199,9 @@ def langevin(
 
     maybe_callback(0)
     for t in range(steps):
-        with autocast:
-            energy = energy_fn(eps)
-        if energy.shape != (shapes[0][0],):
-            raise ValueError(f"energy_fn must return one energy per chain, shape [{shapes[0][0]}], got {list(energy.shape)}")
-        if energy.requires_grad:
-            # d(Σ_b E_b)/dε: per-chain gradients, since chain b's energy depends only on chain b's ε.
-            grads = torch.autograd.grad(energy.float().sum(), moved, allow_unused=True)
-        else:  # the energy does not depend on ε at all (e.g. a zero energy)
-            grads = [None] * len(moved)
+        energy, grads = potential_gradient(energy_fn, eps, moving, autocast_dtype)
         with torch.no_grad():
-            # ∇U = ∇E + ε: the gradient of ½‖ε‖² is added analytically. Out of place, because autograd
-            # may hand back expanded or shared tensors that must not be written to.
-            grads = [e.clone() if g is None else g + e for g, e in zip(grads, moved)]
-            energies.append(energy.detach().float().mean())
+            energies.append(energy.float().mean())
             grad_norms.append(_per_chain_sq_norm(grads).sqrt().mean())
             noise_norms.append(_per_chain_sq_norm(moved).sqrt().mean())
             omegas = noise_source.sample(shapes, device)
@@ -234,6 +218,34 @@ def langevin(
         noise_norm=stacked(noise_norms),
         energy=stacked(energies),
     )
+
+
+def potential_gradient(energy_fn: EnergyFn, eps: list[torch.Tensor], moving: Sequence[int],
+                       autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The energy E(ε) [B] (detached) and ∇U = ∇E + ε of the tensors `eps[i]`, i in `moving` (in that
+    order): the differentiable part of one Langevin step, which compiles as one graph (tests/test_compile.py).
+
+    `eps`: the chains' noise, fp32 leaves, the moving ones requiring grad; `autocast_dtype`: if set, the
+    energy runs under `torch.autocast`. Checks that the energy holds one value per chain.
+    """
+    autocast = contextlib.nullcontext() if autocast_dtype is None \
+        else torch.autocast(device_type=eps[0].device.type, dtype=autocast_dtype)
+    with autocast:
+        energy = energy_fn(eps)
+    batch = eps[0].shape[0]
+    if energy.shape != (batch,):
+        raise ValueError(f"energy_fn must return one energy per chain, shape [{batch}], got {list(energy.shape)}")
+    moved = [eps[i] for i in moving]
+    if energy.requires_grad:
+        # d(Σ_b E_b)/dε: per-chain gradients, since chain b's energy depends only on chain b's ε.
+        grads = torch.autograd.grad(energy.float().sum(), moved, allow_unused=True)
+    else:  # the energy does not depend on ε at all (e.g. a zero energy)
+        grads = [None] * len(moved)
+    with torch.no_grad():
+        # ∇U = ∇E + ε: the gradient of ½‖ε‖² is added analytically. Out of place, because autograd
+        # may hand back expanded or shared tensors that must not be written to.
+        grads = [e.clone() if g is None else g + e for g, e in zip(grads, moved)]
+    return energy.detach(), grads
 
 
 def seeded_chains(energy_fn, start: int, count: int, *, seed: int, steps: int, step_size: float,

@@ -3,8 +3,14 @@
 `Conv2d` is the one convolution class of the project. It is what the spectral regularizer
 (`models/spectral.py`) collects, so every conv of the NVAE and of the energy networks must be one,
 including the convs that do not use weight normalization (the NVAE's MBConv convs).
+
+Both the forward pass and the spectral regularizer need each conv's normalized kernel. A training forward
+keeps a weak reference to the kernel it computed (`regularized_weight` hands it out while it is alive and
+the weights are unchanged), so the regularizer does not normalize every kernel a second time.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -47,7 +53,9 @@ class Conv2d(nn.Conv2d):
 
     With `data_init=True`, the first forward pass in training mode sets bias and log_g so the
     layer's outputs have per-channel mean 0 and std 0.2 on that batch (s = 5·std), averaged across
-    processes. `data_init_done` is a buffer, so a loaded checkpoint is never re-initialized.
+    processes. `data_init_done` is a buffer, so a loaded checkpoint is never re-initialized. Forward reads
+    it only until it is set (then a Python flag answers), so a compiled forward holds no data-dependent
+    branch and a GPU forward no host sync.
     """
 
     def __init__(
@@ -72,6 +80,8 @@ class Conv2d(nn.Conv2d):
         else:
             self.register_parameter("log_weight_norm", None)
         self.register_buffer("data_init_done", torch.tensor(not self.data_init), persistent=True)
+        self._init_pending = self.data_init  # False once `data_init_done` is known to be set (see `forward`)
+        self._forward_weight = None  # (weak reference to the last training forward's kernel, parameter versions)
 
     @staticmethod
     def _weight_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -86,6 +96,37 @@ class Conv2d(nn.Conv2d):
         scale = torch.exp(self.log_weight_norm) / (self._weight_norm(self.weight) + 1e-5)
         return self.weight * scale
 
+    def regularized_weight(self) -> torch.Tensor:
+        """The kernel for the spectral regularizer: the one the last forward pass used while its graph is
+        alive and the weights have not changed since, else a freshly computed one (the same values)."""
+        if self._forward_weight is not None:
+            reference, versions = self._forward_weight
+            weight = reference()
+            if weight is not None and versions == self._parameter_versions():
+                return weight
+        return self.effective_weight()
+
+    def _parameter_versions(self) -> tuple[int, ...]:
+        """Identities and in-place-update counters of the parameters the kernel is computed from."""
+        weight, log_g = self.weight, self.log_weight_norm
+        return id(weight), weight._version, id(log_g), log_g._version
+
+    @torch.compiler.disable  # once per layer: never worth compiling
+    def _initialize_if_needed(self, x: torch.Tensor) -> None:
+        """The data-dependent init, unless the `data_init_done` buffer (e.g. loaded) says it ran already."""
+        if bool(self.data_init_done):
+            self._init_pending = False
+        else:
+            self._initialize_from_data(x)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._init_pending = self.data_init  # the loaded flag is read at the next training forward
+
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy, pickle) must not point at this layer's kernel.
+        return {**self.__dict__, "_forward_weight": None}
+
     @torch.no_grad()
     def _initialize_from_data(self, x: torch.Tensor) -> None:
         unit_weight = self.weight / (self._weight_norm(self.weight) + 1e-5)
@@ -99,8 +140,14 @@ class Conv2d(nn.Conv2d):
             self.bias.copy_(-mean / (scale + 1e-5))
         self.log_weight_norm.copy_(-torch.log(scale + 1e-5).view(-1, 1, 1, 1))
         self.data_init_done.fill_(True)
+        self._init_pending = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not bool(self.data_init_done):
-            self._initialize_from_data(x)
-        return F.conv2d(x, self.effective_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.training and self._init_pending:  # a Python flag: compiled code holds no branch on a tensor
+            self._initialize_if_needed(x)
+        weight = self.effective_weight()
+        # Kept weakly: it dies with the graph (after backward, or at once under no_grad or activation
+        # checkpointing), so it never holds memory. Compiled code keeps nothing (the regularizer recomputes).
+        if self.use_weight_norm and weight.requires_grad and not torch.compiler.is_compiling():
+            self._forward_weight = (weakref.ref(weight), self._parameter_versions())
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

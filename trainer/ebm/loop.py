@@ -40,8 +40,8 @@ from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, collective
                                     sliced_noise)
 from trainer.run.divergence import Divergence, DivergenceDetector
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
-from trainer.run.launch import (Launch, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb,
-                                process_seed, seed_everything)
+from trainer.run.launch import (Launch, batch_inputs, compile_if_asked, make_accelerator, make_train_stream,
+                                peak_memory_mb, process_seed, seed_everything)
 from trainer.run.monitor import Progress, RunMonitor, parameter_count
 from trainer.run.rundir import check_run_dir, mark_diverged, prepare_run_dir, stop_requested
 
@@ -100,7 +100,8 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
     replay = f", replay buffer {buffer.nbytes / 2**20:.1f} MB per process" if buffer else ""
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'} {cfg.method}: energy "
                 f"{parameter_count(net)}, VAE {vae_checkpoint}, {world} process(es), accumulation "
-                f"{launch.accumulation}, device {device}{replay}")
+                f"{launch.accumulation}, device {device}{replay}"
+                f"{f', compiled ({cfg.train.compile_backend})' if cfg.train.compile else ''}")
     saver = CheckpointSaver(run_dir, rank=rank, world_size=world, is_main=accelerator.is_main_process,
                             barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints)
     stop_step = min(cfg.train.max_steps, cfg.train.halt_at_step or cfg.train.max_steps)
@@ -176,8 +177,9 @@ class StepResult:
     clip_fraction: float
     grads_finite: bool
     images: int                  # positives in the iteration, all processes together
-    skipped: int                 # 1 if the update was skipped for non-finite values
+    skipped: int                 # 1 if the update was skipped for non-finite values (fp16: an overflow)
     finetune_terms: dict[str, float] = field(default_factory=dict)
+    loss_scale: float | None = None  # fp16: the loss scaler's scale after the step
 
 
 class EnergyUpdate:
@@ -192,6 +194,7 @@ class EnergyUpdate:
         self.buffer, self.finetuner, self.launch, self.cfg = buffer, finetuner, launch, cfg
         self.rows, self.noise_rank = rows, noise_rank
         self.autocast_dtype = torch.bfloat16 if cfg.langevin.autocast == "bf16" else None
+        compile_if_asked(net, cfg.train)  # Langevin calls the same (compiled) module
 
     def step(self, step: int, batches: Iterator[dict]) -> StepResult:
         """Take iteration number `step` (0-based) on the next micro-batches of `batches`."""
@@ -227,19 +230,27 @@ class EnergyUpdate:
         if launch.deepspeed:  # the engine has stepped inside backward (its own clipping, if configured)
             grads_finite, clip_fraction, skipped = not any_rank(accelerator, not loss_finite), 0.0, 0
         else:
+            accelerator.unscale_gradients(self.optimizer)  # fp16: clip true gradients against Adam's v
             grads = [param.grad for param in self.net.parameters() if param.grad is not None]
             grads_finite = not any_rank(accelerator, not all(torch.isfinite(g).all() for g in grads))
             clip_fraction = 0.0
             if cfg.optim.clip_std > 0:
                 clip_fraction = clip_to_adam_rms(self.optimizer.optimizer, cfg.optim.clip_std,
                                                  cfg.optim.clip_offset)
-            skipped = 0 if grads_finite and loss_finite else 1  # a single non-finite step is skipped, counted
-            if not skipped:
+            if accelerator.scaler is not None:
+                # fp16: the scaler skips an overflowed step and lowers its scale. Overflows are its business,
+                # not a sign of divergence (non-finite energies still are).
                 self.optimizer.step()
+                skipped, grads_finite = int(self.optimizer.step_was_skipped), True
+            else:
+                skipped = 0 if grads_finite and loss_finite else 1  # one non-finite step: skipped, counted
+                if not skipped:
+                    self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         finetune_terms = self.finetuner.step(x_pos, negatives, self.net) if self.finetuner is not None else {}
+        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
         return StepResult(float(loss.detach()), terms, chains, p, clip_fraction, grads_finite, images,
-                          skipped, finetune_terms)
+                          skipped, finetune_terms, scale)
 
 
 def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: int, p: float,
@@ -295,7 +306,8 @@ def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | 
             "clip_fraction": result.clip_fraction, "img_per_s": progress.images_per_second(),
             "skipped_updates": progress.skipped_updates, "data/skipped_samples": skipped_samples,
             "peak_mem_mb": peak_memory_mb(device), "replay_mem_mb": buffer.nbytes / 2**20 if buffer else 0.0,
-            **result.finetune_terms}
+            **result.finetune_terms,
+            **({"loss_scale": result.loss_scale} if result.loss_scale is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +325,8 @@ def save_checkpoint(saver: CheckpointSaver, step: int, update: EnergyUpdate, det
                              "divergence": detector.state_dict(), "deepspeed": update.launch.deepspeed}}
     if not update.launch.deepspeed:
         shared["optimizer.pt"] = update.optimizer.state_dict()
+    if update.launch.accelerator.scaler is not None:
+        shared["scaler.pt"] = update.launch.accelerator.scaler.state_dict()
     if update.finetuner is not None:  # the fine-tuned VAE travels with the energy (export reads it from here)
         shared.update({"vae.safetensors": update.adapter.vae.state_dict(),
                        "vae_optimizer.pt": update.finetuner.state_dict()})
@@ -338,6 +352,8 @@ def restore(checkpoint: Checkpoint, energy, optimizer, buffer, detector, stream,
     else:
         optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
     detector.load_state_dict(checkpoint.json("state.json")["divergence"])
+    if accelerator.scaler is not None and checkpoint.has("scaler.pt"):
+        accelerator.scaler.load_state_dict(checkpoint.torch("scaler.pt"))
     if finetuner is not None and not imported:  # an imported energy fine-tunes the VAE of vae.path
         if not checkpoint.has("vae.safetensors"):
             raise UserError(f"checkpoint '{checkpoint.path}' has no fine-tuned VAE but vae.finetune is true")

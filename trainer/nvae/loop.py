@@ -33,8 +33,8 @@ from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable
 from trainer.run.collective import BatchRows, any_rank, collective_rows, mean_across_processes, sliced_noise
 from trainer.run.ema import EMA
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
-from trainer.run.launch import (Launch, batch_inputs, make_accelerator, make_train_stream, peak_memory_mb,
-                                process_seed, seed_everything, shard_directory)
+from trainer.run.launch import (Launch, batch_inputs, compile_if_asked, make_accelerator, make_train_stream,
+                                peak_memory_mb, process_seed, seed_everything, shard_directory)
 from trainer.run.monitor import Progress, RunMonitor, parameter_count
 from trainer.run.rundir import check_run_dir, prepare_run_dir, stop_requested
 
@@ -88,6 +88,7 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
     fid = make_training_fid(cfg, fixed is not None, accelerator, monitor.log)
     precision = str(launch.autocast_dtype or accelerator.mixed_precision)
     precision += " (DeepSpeed ZeRO)" if launch.deepspeed else ""
+    precision += f", compiled ({cfg.train.compile_backend})" if cfg.train.compile else ""
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'}: {parameter_count(net)}, "
                 f"{accelerator.num_processes} process(es), accumulation {launch.accumulation}, "
                 f"device {accelerator.device}, mixed precision {precision}")
@@ -157,7 +158,8 @@ class StepResult:
     spectral_coeff: float
     grad_norm: float
     images: int             # images in the step, all processes together
-    skipped: int            # 1 if the update was skipped for a non-finite gradient
+    skipped: int            # 1 if the update was skipped for a non-finite gradient (fp16: an overflow)
+    loss_scale: float | None = None  # fp16: the loss scaler's scale after the step
 
 
 class NVAEUpdate:
@@ -169,6 +171,7 @@ class NVAEUpdate:
         self.model, self.net, self.ema, self.optimizer = model, net, ema, optimizer
         self.launch, self.cfg = launch, cfg
         self.rows, self.alphas, self.reduce_mean = rows, alphas, reduce_mean
+        compile_if_asked(net, cfg.train)  # the EMA copy (image grids, FID) stays uncompiled
 
     def step(self, step: int, batches: Iterator[dict]) -> StepResult:
         """Take optimizer step number `step` (0-based) on the next micro-batches of `batches`."""
@@ -203,15 +206,20 @@ class NVAEUpdate:
             grad_norm = self.model.get_global_grad_norm() or 0.0
             self.ema.update(self.net)
         else:
-            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
-            if any_rank(accelerator, not math.isfinite(float(grad_norm))):
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))  # unscaled (fp16)
+            if accelerator.scaler is not None:  # fp16: the scaler skips an overflowed step, lowers its scale
+                self.optimizer.step()
+                skipped = int(self.optimizer.step_was_skipped)
+            elif any_rank(accelerator, not math.isfinite(float(grad_norm))):
                 skipped = 1  # a non-finite gradient: skip this update, keep going
             else:
                 self.optimizer.step()
+            if not skipped:
                 self.ema.update(self.net)
             self.optimizer.zero_grad(set_to_none=True)
+        scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
         return StepResult(float(loss.detach()), terms, output, lr, beta, lam, float(grad_norm), images,
-                          skipped)
+                          skipped, scale)
 
 
 def log_row(result: StepResult, progress: Progress, skipped_samples: int, device) -> dict[str, float]:
@@ -221,7 +229,8 @@ def log_row(result: StepResult, progress: Progress, skipped_samples: int, device
             "spectral": result.terms["spectral"], "bn": result.terms["bn"], "lr": result.lr,
             "grad_norm": result.grad_norm, "img_per_s": progress.images_per_second(),
             "skipped_updates": progress.skipped_updates, "data/skipped_samples": skipped_samples,
-            "peak_mem_mb": peak_memory_mb(device)}
+            "peak_mem_mb": peak_memory_mb(device),
+            **({"loss_scale": result.loss_scale} if result.loss_scale is not None else {})}
 
 
 # ----------------------------------------------------------------------------------------------

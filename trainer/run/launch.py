@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import GradScalerKwargs, ProjectConfiguration
 
 from data.sources import ShardLocation, shard_location
 from trainer.config.common import DataConfig, TrainConfig
@@ -79,7 +79,10 @@ def make_accelerator(train: TrainConfig, run_dir: Path | None = None) -> Launch:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         return Launch(accelerator, accumulation, deepspeed=True, autocast_dtype=dtype)
     accelerator = Accelerator(mixed_precision=None if precision == "auto" else precision, cpu=cpu,
-                              gradient_accumulation_steps=accumulation, **tracking)
+                              gradient_accumulation_steps=accumulation,
+                              kwargs_handlers=[GradScalerKwargs(init_scale=train.fp16_init_scale)], **tracking)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        _enable_cpu_fp16(accelerator, train.fp16_init_scale)
     if launched_processes != accelerator.num_processes:
         raise RuntimeError(f"launched {launched_processes} processes but Accelerate sees {accelerator.num_processes}")
     return Launch(accelerator, accumulation, deepspeed=False, autocast_dtype=None)
@@ -95,12 +98,35 @@ def _tracking(train: TrainConfig, run_dir: Path | None) -> dict:
     return {"log_with": names, "project_config": folders}
 
 
+def _enable_cpu_fp16(accelerator: Accelerator, init_scale: float) -> None:
+    """fp16 on a CPU: Accelerate 1.15 accepts it but then trains in fp32 (no autocast, no loss scaler).
+    PyTorch's CPU autocast runs fp16 and `torch.amp.GradScaler("cpu")` scales the loss, so switch on
+    Accelerate's own mixed-precision path with that scaler: `prepare` then autocasts the model's forward,
+    `backward` scales, `clip_grad_norm_` unscales and the prepared optimizer steps through the scaler
+    (skipping steps whose gradients overflowed). Must run before `prepare`."""
+    accelerator.native_amp = True
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+
+
 def _mixed_precision(configured: str, use_deepspeed: bool) -> str:
     if configured != "auto":
         return configured
     if use_deepspeed:  # take the launcher's setting, which Accelerate would otherwise give DeepSpeed
         return os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     return "auto"
+
+
+def compile_if_asked(net: torch.nn.Module, train: TrainConfig) -> None:
+    """`train.compile`: compile the calls of `net` and of its spectral regularizer in place
+    (`nn.Module.compile`, so state dicts keep their keys and DDP/DeepSpeed wrappers call the compiled module).
+    The first calls compile (minutes with Inductor on a CPU); a new batch size recompiles once, with a
+    dynamic batch dimension."""
+    if not train.compile:
+        return
+    net.compile(backend=train.compile_backend)
+    spectral = getattr(net, "spectral", None)
+    if isinstance(spectral, torch.nn.Module):
+        spectral.compile(backend=train.compile_backend)
 
 
 def seed_everything(seed: int) -> None:
