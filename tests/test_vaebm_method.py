@@ -132,7 +132,7 @@ def test_an_energy_trained_with_the_wrong_sign_makes_the_vae_worse():
 
 def test_exact_negatives_reference_trains_the_same_objective():
     """`langevin.negatives=resample` (the 2-D reference trainer) reaches at least the Langevin trainer's gain."""
-    result = likelihoods(train_energy(negatives="resample", steps=150))
+    result = likelihoods(train_energy(negatives="resample"))
     assert result["vaebm"] - result["vae"] > 0.5 * (result["true"] - result["vae"]), result
 
 

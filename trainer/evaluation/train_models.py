@@ -36,8 +36,20 @@ _QUIET = ["train.progress_bar=false"]
 
 
 def _run_dir(kind: str, preset: str, cfg, models_dir: Path) -> Path:
-    """models_dir/<kind>-<preset stem>-<10 hex digits of the resolved config>."""
-    tree = {name: section for name, section in to_dict(cfg).items() if name not in _NOT_HASHED_SECTIONS}
+    """models_dir/<kind>-<preset stem>-<10 hex digits of the resolved config>.
+
+    Only values that differ from the config classes' defaults are hashed, so a key added to the config tree
+    later (with a default that keeps the old behaviour) does not make finished runs unfindable."""
+    defaults = to_dict(type(cfg)())
+    tree = {}
+    for name, section in to_dict(cfg).items():
+        if name in _NOT_HASHED_SECTIONS:
+            continue
+        if not isinstance(section, dict):
+            tree[name] = section
+            continue
+        base = defaults.get(name) if isinstance(defaults.get(name), dict) else {}
+        tree[name] = {key: value for key, value in section.items() if key not in base or base[key] != value}
     for section, key in _NOT_HASHED:
         tree.get(section, {}).pop(key, None)
     digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
