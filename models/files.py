@@ -59,9 +59,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool
 def is_no_space(err: BaseException, folder: Path) -> bool:
     """Whether a failed write into `folder` failed for lack of space: ENOSPC/EDQUOT, a writer's wrapped report of
     it, or a C++ stream failure while the device is full (less than 1 MiB available)."""
-    if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:  # torch.save raises a second error while cleaning up
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    if any(isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS for e in chain):
         return True
-    text = str(err)
+    text = " ".join(str(e) for e in chain)
     if any(mark in text for mark in _NO_SPACE_TEXT):
         return True
     if any(mark in text for mark in _WRAPPED_WRITE_FAILURE):
