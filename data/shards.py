@@ -28,6 +28,7 @@ import random
 import shutil
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -42,6 +43,9 @@ INDEX_NAME = "index.json"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 # What PIL raises on a file that is not a readable image (truncated, garbage, wrong suffix).
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Images with more pixels are skipped unread: a small file can decode to gigabytes (a 12,000 × 12,000 PNG of
+# 140 KB). 8192 × 8192; PIL itself refuses more than 2 × its MAX_IMAGE_PIXELS (about 179 M) whatever this says.
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 def shard_name(index: int) -> str:
@@ -272,11 +276,12 @@ def center_crop_resize(image: Image.Image, size: int, name: str) -> Image.Image:
 
 
 class _FolderImages:
-    """Iterates `(key, image, meta)` over the images of a folder/zip; counts undecodable files."""
+    """Iterates `(key, image, meta)` over the images of a folder/zip; counts undecodable files and files of more
+    than `max_pixels` pixels (skipped from their header, before anything is decoded)."""
 
-    def __init__(self, path: Path, size: int, seed: int | None):
+    def __init__(self, path: Path, size: int, seed: int | None, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.path = Path(path)
-        self.size = size
+        self.size, self.max_pixels = size, max_pixels
         self.names = list_image_files(self.path)
         if seed is not None:  # shuffle so that shards are not ordered by folder/class
             random.Random(seed).shuffle(self.names)
@@ -295,7 +300,11 @@ class _FolderImages:
         index = 0
         for name, payload in self._read_bytes():
             try:
-                image = Image.open(io.BytesIO(payload))
+                with warnings.catch_warnings():  # PIL warns of large images; the limit here is max_pixels
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    image = Image.open(io.BytesIO(payload))  # reads the header only
+                if image.size[0] * image.size[1] > self.max_pixels:
+                    raise ValueError(f"{image.size[0]}x{image.size[1]} is over the pixel limit")
                 image.load()
                 image = image.convert("RGB")
             except DECODE_ERRORS:
@@ -308,17 +317,20 @@ class _FolderImages:
 
 def make_shards_from_path(input_path: Path, output: Path, size: int, *, samples_per_shard: int = 256,
                           quality: int | None = None, seed: int | None = None,
-                          overwrite: bool = False) -> dict:
+                          overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Shard an image folder (recursive) or .zip: center-crop, resize to size×size, encode.
 
     Files are chosen by suffix (.png .jpg .jpeg .bmp .webp .tif .tiff .gif .ppm; hidden files
-    ignored). Files with an image suffix that PIL cannot decode are SKIPPED and counted (the
-    count is returned as `skipped`); every other problem is a UserError and leaves nothing behind.
+    ignored). Files with an image suffix that PIL cannot decode, or of more than `max_pixels` pixels, are
+    SKIPPED and counted (the count is returned as `skipped`); every other problem is a UserError and leaves
+    nothing behind.
     Returns {"shards", "samples", "skipped", "output"}.
     """
     if size < 1:
         raise UserError(f"--size must be >= 1, got {size}")
-    images = _FolderImages(input_path, size, seed)
+    if max_pixels < size * size:
+        raise UserError(f"--max-pixels ({max_pixels}) is below --size² ({size * size}): no image could pass")
+    images = _FolderImages(input_path, size, seed, max_pixels)
     index = write_shards(images, output, size=size, samples_per_shard=samples_per_shard,
                          quality=quality, overwrite=overwrite, source=str(input_path))
     return {"shards": len(index["shards"]), "samples": index["num_samples"],

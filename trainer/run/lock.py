@@ -25,7 +25,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.errors import UserError
@@ -46,7 +46,6 @@ class Holder:
     heartbeat: float = 30.0           # seconds between the holder's touches of the file
     slurm_job_id: str | None = None
     slurm_restart_count: str | None = None
-    extra: dict = field(default_factory=dict)
 
     @staticmethod
     def of_this_process(heartbeat: float) -> "Holder":
@@ -57,8 +56,8 @@ class Holder:
 
     def as_dict(self) -> dict:
         return {"host": self.host, "pid": self.pid, "since": self.since, "token": self.token,
-                "pid_start": self.pid_start, "pid_ns": self.pid_ns, "heartbeat": self.heartbeat, "slurm_job_id": self.slurm_job_id,
-                "slurm_restart_count": self.slurm_restart_count,
+                "pid_start": self.pid_start, "pid_ns": self.pid_ns, "heartbeat": self.heartbeat,
+                "slurm_job_id": self.slurm_job_id, "slurm_restart_count": self.slurm_restart_count,
                 "since_utc": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))}
 
     @staticmethod

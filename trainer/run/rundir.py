@@ -45,6 +45,7 @@ class OwnedRun:
     def __init__(self, path: Path, lock: RunLock | None, signals: StopSignals, accelerator):
         self.path, self.lock, self.signals, self.accelerator = path, lock, signals, accelerator
         self.ending: tuple[str, int, str] | None = None  # (state, step, line) the loop reports at its end
+        self.started = False  # prepared and training: only then does status.json describe this start
 
     def stop_reason(self) -> str | None:
         """Why the training should stop after this step, decided collectively (every process gets the same
@@ -52,8 +53,8 @@ class OwnedRun:
         None. The main process removes the STOP file, so a re-run (a requeued job) carries on."""
         stop_file = self.path / STOP_FILE
         lost = self.lock is not None and self.lock.lost is not None
-        by_file, by_signal, by_loss = any_ranks(self.accelerator, [stop_file.exists(), self.signals.received is not None,
-                                                                   lost])
+        flags = [stop_file.exists(), self.signals.received is not None, lost]
+        by_file, by_signal, by_loss = any_ranks(self.accelerator, flags)
         if by_loss:
             who = self.lock.lost if lost else "another start"
             raise UserError(f"the run directory '{self.path}' was taken over by {who} (this training's lock went "
@@ -74,14 +75,16 @@ class OwnedRun:
             write_launcher_note(0, line)
 
     def close(self, error: BaseException | None) -> None:
-        """Record how the run ended (status.json), give the signals and the lock back."""
+        """Record how the run ended (status.json; not for a start refused by its checks), give the signals and
+        the lock back."""
         self.signals.restore()
         if self.lock is None:
             return
-        try:
-            write_json(self.path / STATUS_FILE, _status(self.ending, error))
-        except OSError:
-            pass  # a full device: the exit code and the line still say what happened
+        if self.started:
+            try:
+                write_json(self.path / STATUS_FILE, _status(self.ending, error))
+            except OSError:
+                pass  # a full device: the exit code and the line still say what happened
         self.lock.release()
 
 
@@ -145,6 +148,7 @@ def own_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str = "m
                 shutil.rmtree(run_dir, ignore_errors=True)
                 run.lock = None
             raise
+        run.started = True
         yield run
     except BaseException as err:
         error = err
@@ -168,7 +172,8 @@ def prepare_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str 
     current = to_dict(cfg)
     if previous is not None and _network(previous, section) != _network(current, section):
         changed = _first_difference(_network(previous, section), _network(current, section), section)
-        raise UserError(f"run directory '{run_dir}' holds a run with a different network ({changed}); use a new --run-dir")
+        raise UserError(f"run directory '{run_dir}' holds a run with a different network ({changed}); "
+                        f"use a new --run-dir")
     marker = run_dir / DIVERGED_MARKER
     if marker.is_file():
         info = read_divergence(run_dir)
