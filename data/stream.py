@@ -36,6 +36,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 import tarfile
 import time
 from pathlib import Path
@@ -287,6 +288,13 @@ class _WorkerBatches(IterableDataset):
         yield tagged({"_end": True}, (epoch, 0))
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGTERM, which torch's worker handler would die of. Schedulers send it to
+    every process of a job (Slurm, torch elastic: the process group), and the training process stops on it
+    gracefully, still reading batches (README, "Stopping"); the workers end when it closes the stream or exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 # --------------------------------------------------------------------------------------------
 # Main-process side
 # --------------------------------------------------------------------------------------------
@@ -376,7 +384,8 @@ class TrainStream:
         # Own generator: creating the loader must not consume the global torch RNG (training
         # randomness would then depend on when the stream was (re)started).
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                          generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")))
+                          generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
+                          worker_init_fn=_leave_stop_signals_to_the_trainer)
 
     def _my_rows(self, batch: dict) -> dict:
         """With split="global": this rank's rows [rank·B, (rank+1)·B) of a global batch (uint8, before

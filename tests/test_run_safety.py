@@ -138,10 +138,14 @@ def test_a_second_training_on_a_run_directory_exits_2_naming_the_holder(tmp_path
 # ---- Graceful termination --------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_and_exits_cleanly_and_a_second_signal_exits_at_once(tmp_path, cache_dir):
-    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+def test_sigterm_checkpoints_and_exits_cleanly_and_a_second_signal_exits_at_once(tmp_path, cache_dir, launcher_env):
+    """One process: SIGTERM → a checkpoint at the current step, exit 0. Ctrl-C under `accelerate launch` (SIGINT to
+    the launcher and the trainer alike) → the same, the launcher waiting for it and exiting 0. A second signal
+    → exit at once (128 + its number) without a checkpoint, the newest complete one staying."""
+    run_dir = tmp_path / "run"
     args = ["--config", "digits", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}", *FAST,
             "train.max_steps=100000", "train.checkpoint_every=100000", "train.image_every=0", "train.log_every=1"]
+    log = tmp_path / "first.log"
     first = start("train_nvae.py", *args, log=log)
     wait_for(lambda: steps_logged(run_dir) >= 1, 180, "the first step", log)
     first.send_signal(signal.SIGTERM)
@@ -153,16 +157,27 @@ def test_sigterm_checkpoints_and_exits_cleanly_and_a_second_signal_exits_at_once
     assert status["state"] == "stopped" and status["exit_code"] == 0 and status["step"] == stopped
     assert not (run_dir / "lock.json").exists()
 
-    second = start("train_nvae.py", *args, log=tmp_path / "again.log")
-    wait_for(lambda: steps_logged(run_dir) >= stopped + 1, 180, "the resumed run's first step", tmp_path / "again.log")
-    assert f"resuming from step {stopped}" in (tmp_path / "again.log").read_text()
-    second.send_signal(signal.SIGINT)
-    time.sleep(0.3)  # two signals delivered at once would merge into one
-    second.send_signal(signal.SIGINT)
-    assert second.wait(timeout=120) == 128 + signal.SIGINT
-    output = (tmp_path / "again.log").read_text()
-    assert "second stop signal (SIGINT): exiting at once without a checkpoint" in last_line(output)
-    assert [step for step, _ in list_checkpoints(run_dir)] == [stopped]  # the newest complete one stays
+    log = tmp_path / "ctrl-c.log"
+    handle = open(log, "w")
+    launcher = subprocess.Popen([*ONE_PROCESS, str(ROOT / "scripts" / "train_nvae.py"), *args], cwd=ROOT,
+                                env=launcher_env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: steps_logged(run_dir) >= stopped + 1, 180, "the resumed run's first step", log)
+    os.killpg(launcher.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    assert launcher.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    previous, stopped = stopped, int(text.split("stop requested (SIGINT) at step ")[1].split()[0])
+    assert f"resuming from step {previous}" in text and stopped > previous
+    assert "Traceback" not in text and last_line(text).startswith(f"halted at step {stopped}; checkpoint")
+
+    log = tmp_path / "twice.log"
+    second = start("train_nvae.py", *args, log=log)
+    wait_for(lambda: steps_logged(run_dir) >= stopped + 1, 180, "the resumed run's first step", log)
+    while second.poll() is None:  # one signal, then more until it exits: the second one handled ends it
+        second.send_signal(signal.SIGTERM)
+        time.sleep(0.05)  # two signals arriving before the handler runs count as one
+    assert second.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert "second stop signal (SIGTERM): exiting at once without a checkpoint" in last_line(log.read_text())
+    assert [step for step, _ in list_checkpoints(run_dir)][-1] == stopped  # the newest complete one stays
     assert not (run_dir / "lock.json").exists()
 
 
@@ -182,26 +197,38 @@ def rank_pids(launcher: subprocess.Popen, script: str) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir):
-    run_dir, log = tmp_path / "run", tmp_path / "train.log"
-    launcher = start("train_nvae.py", "--config", "digits", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}",
-                     *FAST, "train.per_device_batch_size=4", "train.max_steps=100000", "train.checkpoint_every=100000",
-                     "train.image_every=0", "train.log_every=1", launcher=TWO_PROCESSES, log=log)
-    try:
-        wait_for(lambda: steps_logged(run_dir) >= 1, 240, "the first step", log)
-        ranks = wait_for(lambda: (found := rank_pids(launcher, "train_nvae.py")) and len(found) == 2 and found, 30,
-                         "two training processes", log)
-        os.kill(ranks[1], signal.SIGUSR1)  # not the main process
-        assert launcher.wait(timeout=180) == 0, log.read_text()[-3000:]
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    text = log.read_text()
-    stopped = int(text.split("stop requested (")[1].split(") at step ")[1].split()[0])
-    checkpoint = verify_checkpoint(latest_checkpoint(run_dir))
-    assert checkpoint.step == stopped and checkpoint.world_size == 2
-    assert {p.name for p in checkpoint.path.glob("rank-*")} == {"rank-0", "rank-1"}  # one step, both processes
-    assert "Traceback" not in text
+def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, cache_dir, launcher_env):
+    """SIGUSR1 to rank 1 only: both processes checkpoint at one step and end, the launcher exits 0. Then the
+    resumed run gets SIGTERM at the launcher, as `docker stop` or Kubernetes would send it: torch elastic forwards
+    it to the whole process group (data-loader workers included, which must survive it), the training processes
+    checkpoint, and the launcher exits 0 with the run's line last."""
+    run_dir = tmp_path / "run"
+    args = ["--config", "digits", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}", *FAST,
+            "train.per_device_batch_size=4", "train.max_steps=100000", "train.checkpoint_every=100000",
+            "train.image_every=0", "train.log_every=1"]
+    stopped = None
+    for attempt, target in enumerate(("rank 1", "launcher")):
+        log = tmp_path / f"train-{attempt}.log"
+        launcher = start("train_nvae.py", *args, launcher=TWO_PROCESSES, env=launcher_env, log=log)
+        try:
+            wait_for(lambda: steps_logged(run_dir) >= (stopped or 0) + 1, 240, "a step", log)
+            if target == "rank 1":
+                ranks = wait_for(lambda: (found := rank_pids(launcher, "train_nvae.py")) and len(found) == 2 and found,
+                                 30, "two training processes", log)
+                os.kill(ranks[1], signal.SIGUSR1)  # not the main process
+            else:
+                launcher.send_signal(signal.SIGTERM)
+            assert launcher.wait(timeout=180) == 0, log.read_text()[-3000:]
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+        text = log.read_text()
+        previous, stopped = stopped, int(text.split("stop requested (")[1].split(") at step ")[1].split()[0])
+        assert previous is None or (f"resuming from step {previous}" in text and stopped > previous)
+        checkpoint = verify_checkpoint(latest_checkpoint(run_dir))
+        assert checkpoint.step == stopped and checkpoint.world_size == 2
+        assert {p.name for p in checkpoint.path.glob("rank-*")} == {"rank-0", "rank-1"}  # one step, both processes
+        assert "Traceback" not in text and last_line(text).startswith(f"halted at step {stopped}; checkpoint")
 
 
 # ---- Exit codes through the launcher ----------------------------------------------------------------------------
