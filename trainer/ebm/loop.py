@@ -167,10 +167,10 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
             log_fid(monitor, step, fid.evaluate(samples))
 
         # Checkpoint (never inside a streak of bad steps: those may be the start of a divergence).
+        stop = run.stop_reason()  # STOP file or a stop signal: checkpoint now, exit cleanly, resume on re-run
         if checkpoint_due and not detector.in_bad_streak:
             save_checkpoint(saver, step, update, detector, stream, vae_pin)
             last_saved = step
-        stop = run.stop_reason()  # STOP file or a stop signal: checkpoint now, exit cleanly, resume on re-run
         if stop:
             monitor.log(f"stop requested ({stop}) at step {step}")
             break
