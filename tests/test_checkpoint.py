@@ -189,7 +189,7 @@ def test_checkpoints_record_sizes_and_digests(tmp_path):
 
 def test_non_finite_weights_are_never_written(tmp_path):
     s = saver(tmp_path)
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(UserError, match="not finite"):
         s.save(3, shared={"model.safetensors": {"w": torch.tensor([1.0, float("inf")])}, "state.json": {"step": 3}},
                per_rank={})
     assert list_checkpoints(tmp_path) == [] and not list((tmp_path / "checkpoints").glob("*"))

@@ -181,11 +181,11 @@ class CheckpointSaver:
         Keys are file names; a value is written by its suffix: `.safetensors` (dict of tensors),
         `.json` (JSON data), `.pt` (tensors and plain values, for `weights_only` loading).
         `collective(staging_dir)` runs on every process (e.g. a DeepSpeed engine's sharded save).
-        A network's weights holding a non-finite value are refused (ValueError) before anything is written.
+        A network's weights holding a non-finite value are refused (UserError) before anything is written.
         """
         for name in WEIGHT_FILES:
             if name in shared and (bad := first_non_finite(shared[name])) is not None:
-                raise ValueError(f"refusing to write checkpoint step {step}: tensor '{bad}' of {name} is not finite")
+                raise UserError(f"refusing to write checkpoint step {step}: tensor '{bad}' of {name} is not finite")
         final = self.root / checkpoint_name(step)
         staging = self.root / f"{checkpoint_name(step)}.tmp"
 
