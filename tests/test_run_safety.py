@@ -108,6 +108,8 @@ def test_a_second_training_on_a_run_directory_exits_2_naming_the_holder(tmp_path
     assert codes == [0, 2], logs
     refused = next(log for log in logs if "in use by another training" in log)
     assert last_line(refused).startswith("error: ") and "Traceback" not in refused
+    verify_checkpoint(latest_checkpoint(together))  # the winner's run is whole: the refused start touched nothing
+    assert latest_checkpoint(together).name == "step-0000003" and (together / "config.yaml").is_file()
 
     run_dir = tmp_path / "run"
     log = tmp_path / "holder.log"

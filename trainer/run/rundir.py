@@ -29,7 +29,7 @@ from trainer.errors import write_launcher_note
 from trainer.run.checkpoint import (CorruptCheckpoint, list_checkpoints, remove_stale_temporaries, verify_checkpoint,
                                     write_json)
 from trainer.run.collective import any_ranks, main_then_share
-from trainer.run.lock import RunLock
+from trainer.run.lock import LOCK_FILE, RunLock
 from trainer.run.signals import StopSignals
 
 DIVERGED_MARKER = "DIVERGED.json"
@@ -110,7 +110,7 @@ def own_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str = "m
                 resume_from: Path | None = None, stale_after: float | None = None) -> Iterator[OwnedRun]:
     """Own a run directory for the body of the `with`: lock it (the main process; every process learns the
     outcome), remove stale temporaries, prepare it (`prepare_run_dir`), catch stop signals. A start refused by
-    the lock, or by the checks on a directory it created, leaves nothing behind."""
+    the lock writes nothing; one refused by the checks on a directory it created removes it."""
     run_dir = Path(run_dir).expanduser()
     stale_after = stale_after if stale_after is not None else cfg.train.lock_stale_after
 
@@ -125,12 +125,7 @@ def own_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str = "m
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"cannot create run directory '{run_dir}': {err.strerror}") from None
-        try:
-            taken["lock"] = RunLock.acquire(run_dir, stale_after)
-        except UserError:
-            if created:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
+        taken["lock"] = RunLock.acquire(run_dir, stale_after)  # refused: the holder's, however new, stays as is
         remove_stale_temporaries(run_dir)  # ours now: nobody else is writing here
         return created
 
@@ -142,11 +137,17 @@ def own_run_dir(run_dir: Path, cfg, accelerator, *, kind: str, section: str = "m
         try:
             prepare_run_dir(run_dir, cfg, accelerator, kind=kind, section=section, resume_from=resume_from)
         except UserError:
-            if created:  # nothing of the refused start stays behind
+            if created:  # nothing of the refused start stays behind (emptied while still locked)
+                for path in run_dir.iterdir():
+                    if path.name != LOCK_FILE:
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
                 run.signals.restore()
                 lock.release()
-                shutil.rmtree(run_dir, ignore_errors=True)
                 run.lock = None
+                try:
+                    run_dir.rmdir()
+                except OSError:
+                    pass  # another start took it meanwhile
             raise
         run.started = True
         yield run
