@@ -38,6 +38,7 @@ import os
 import random
 import signal
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -289,10 +290,20 @@ class _WorkerBatches(IterableDataset):
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """In a DataLoader worker: ignore SIGTERM, which torch's worker handler would die of. Schedulers send it to
-    every process of a job (Slurm, torch elastic: the process group), and the training process stops on it
-    gracefully, still reading batches (README, "Stopping"); the workers end when it closes the stream or exits."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """In a DataLoader worker: die of SIGTERM only when the training process (the parent) sends it, as torch's
+    own worker handler does, and ignore it from anyone else. Schedulers send SIGTERM to every process of a job
+    (Slurm; torch elastic, to the process group), and the training process stops on it gracefully while still
+    reading batches (README, "Stopping"). Python handlers cannot see the sender: a thread takes the blocked
+    signal with `sigwaitinfo`, which can."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="sigterm-from-parent", daemon=True).start()
 
 
 # --------------------------------------------------------------------------------------------
