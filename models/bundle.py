@@ -219,7 +219,8 @@ def _listed_files(manifest: dict, manifest_path: Path) -> dict[str, dict]:
     if not isinstance(files, dict):
         raise BundleError(f"'{manifest_path}': 'files' must map file names to their bytes and sha256")
     for name, entry in files.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)):
+        if not (isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+                and isinstance(entry.get("sha256"), str)):
             raise BundleError(f"'{manifest_path}': the 'files' entry of {str(name)[:80]!r} needs bytes and sha256")
     return files
 

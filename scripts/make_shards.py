@@ -6,7 +6,8 @@
 
 Images are center-cropped to a square and resized to S×S (never upscaled: a smaller image is an
 error), stored as lossless PNG, or JPEG when --quality is given. Undecodable files, and files of more
-than --max-pixels pixels (judged from their header, never decoded), are skipped and counted. An OUT that already holds index.json is refused unless --overwrite is given.
+than --max-pixels pixels (judged from their header, never decoded), are skipped and counted. An OUT that
+already holds index.json is refused unless --overwrite is given.
 Prints one summary line; user mistakes print `error: ...` and exit with status 2.
 """
 from __future__ import annotations

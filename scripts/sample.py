@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"bundle_sha256": hashlib.sha256((args.bundle / MANIFEST).read_bytes()).hexdigest(),
-                "weights_sha256": sampler.file_sha256, "seed": args.seed, "format": fmt, "chains_every": args.chains_every, "chunk": sampler.chunk,
-                **options.as_dict()}
+                "weights_sha256": sampler.file_sha256, "seed": args.seed, "format": fmt,
+                "chains_every": args.chains_every, "chunk": sampler.chunk, **options.as_dict()}
     check_settings(out, settings, rank)
     kwargs = dict(steps=options.steps, step_size=options.step_size, temperature=options.temperature,
                   init=options.init, autocast=options.autocast, chains_every=args.chains_every)

@@ -141,7 +141,8 @@ def _nan_weights(checkpoint):
 CORRUPTIONS = {
     "truncated weights": (lambda c: _truncate(c / "model.safetensors"), "model.safetensors has"),
     "truncated optimizer": (lambda c: _truncate(c / "optimizer.pt"), "optimizer.pt has"),
-    "flipped bytes": (lambda c: (c / "optimizer.pt").write_bytes(bytes(255 - b for b in (c / "optimizer.pt").read_bytes())),
+    "flipped bytes": (lambda c: (c / "optimizer.pt").write_bytes(bytes(255 - b for b in
+                                                                     (c / "optimizer.pt").read_bytes())),
                       "optimizer.pt does not match its SHA-256"),
     "missing file": (lambda c: (c / "rank-0" / "rng.pt").unlink(), "rank-0/rng.pt is missing"),
     "non-UTF-8 state.json": (lambda c: _consistent(c, "state.json", b"\xff\xfe{"), "state.json' is not valid JSON"),
@@ -184,7 +185,8 @@ def test_checkpoints_record_sizes_and_digests(tmp_path):
     newest = _good_checkpoints(tmp_path)
     manifest = json.loads((newest / "manifest.json").read_text())
     assert set(manifest["sha256"]) == set(manifest["files"]) == set(manifest["bytes"])
-    assert manifest["sha256"]["model.safetensors"] == hashlib.sha256((newest / "model.safetensors").read_bytes()).hexdigest()
+    weights = (newest / "model.safetensors").read_bytes()
+    assert manifest["sha256"]["model.safetensors"] == hashlib.sha256(weights).hexdigest()
 
 
 def test_non_finite_weights_are_never_written(tmp_path):

@@ -190,7 +190,8 @@ def rank_pids(launcher: subprocess.Popen, script: str) -> dict[int, int]:
     for pid in map(int, children):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            environ = dict(e.split(b"=", 1) for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in e)
+            entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            environ = dict(e.split(b"=", 1) for e in entries if b"=" in e)
         except OSError:
             continue
         if any(part.endswith(script.encode()) for part in command) and b"RANK" in environ:

@@ -83,7 +83,8 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     try:
         train_vaebm(cfg, run_dir)
     except TrainingDiverged:
-        raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower optim.lr") from None
+        raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower "
+                        f"optim.lr") from None
     return run_dir
 
 
