@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -45,6 +46,9 @@ IMAGE_CHANNELS = 3  # images are stored and read back as RGB (grey ones replicat
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 # What PIL raises on a file that is not a readable image (truncated, garbage, wrong suffix).
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Images with more pixels are skipped unread: a small file can decode to gigabytes (a 12,000 × 12,000 PNG of
+# 140 KB). 8192 × 8192; PIL itself refuses more than 2 × its MAX_IMAGE_PIXELS (about 179 M) whatever this says.
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 def shard_name(index: int) -> str:
@@ -272,7 +276,8 @@ def center_crop_resize(image: Image.Image, size: int, name: str) -> Image.Image:
     return image
 
 
-UNDECODABLE, TOO_SMALL = "undecodable", "smaller than --size"  # why a file of a folder/zip was skipped
+# Why a file of a folder/zip was skipped.
+UNDECODABLE, TOO_SMALL, TOO_LARGE = "undecodable", "smaller than --size", "over --max-pixels"
 
 
 def describe_skipped(skipped: dict[str, list[str]], examples: int = 3) -> str:
@@ -285,12 +290,13 @@ def describe_skipped(skipped: dict[str, list[str]], examples: int = 3) -> str:
 
 
 class _FolderImages:
-    """Iterates `(key, image, meta)` over the images of a folder/zip; files that are undecodable or smaller
-    than `size` on their short side are skipped and recorded by reason (`skipped`)."""
+    """Iterates `(key, image, meta)` over the images of a folder/zip; files that are undecodable, over `max_pixels`
+    pixels (judged from their header, before anything is decoded) or smaller than `size` on their short side are
+    skipped and recorded by reason (`skipped`)."""
 
-    def __init__(self, path: Path, size: int, seed: int | None):
+    def __init__(self, path: Path, size: int, seed: int | None, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.path = Path(path)
-        self.size = size
+        self.size, self.max_pixels = size, max_pixels
         self.names = list_image_files(self.path)
         if seed is not None:  # shuffle so that shards are not ordered by folder/class
             random.Random(seed).shuffle(self.names)
@@ -313,7 +319,12 @@ class _FolderImages:
         index = 0
         for name, payload in self._read_bytes():
             try:
-                image = Image.open(io.BytesIO(payload))
+                with warnings.catch_warnings():  # PIL warns of large images; the limit here is max_pixels
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    image = Image.open(io.BytesIO(payload))  # reads the header only
+                if image.size[0] * image.size[1] > self.max_pixels:  # decoding it could take gigabytes
+                    self.skipped.setdefault(TOO_LARGE, []).append(f"{name} ({image.size[0]}x{image.size[1]})")
+                    continue
                 image.load()
                 image = image.convert("RGB")
             except DECODE_ERRORS:  # not fatal: counted and reported at the end
@@ -329,18 +340,20 @@ class _FolderImages:
 
 def make_shards_from_path(input_path: Path, output: Path, size: int, *, samples_per_shard: int = 256,
                           quality: int | None = None, seed: int | None = None,
-                          overwrite: bool = False) -> dict:
+                          overwrite: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Shard an image folder (recursive) or .zip: center-crop, resize to size×size, encode.
 
     Files are chosen by suffix (.png .jpg .jpeg .bmp .webp .tif .tiff .gif .ppm; hidden files
-    ignored). Files with an image suffix that PIL cannot decode, and images smaller than `size` on
-    their short side, are SKIPPED and counted (`skipped`: the total; `skipped_by_reason`: reason ->
-    file names); an input with no usable image, and every other problem, is a UserError and leaves
-    nothing behind. Returns {"shards", "samples", "skipped", "skipped_by_reason", "output"}.
+    ignored). Files with an image suffix that PIL cannot decode, files of more than `max_pixels` pixels and
+    images smaller than `size` on their short side are SKIPPED and counted (`skipped`: the total;
+    `skipped_by_reason`: reason -> file names); an input with no usable image, and every other problem, is a
+    UserError and leaves nothing behind. Returns {"shards", "samples", "skipped", "skipped_by_reason", "output"}.
     """
     if size < 1:
         raise UserError(f"--size must be >= 1, got {size}")
-    images = _FolderImages(input_path, size, seed)
+    if max_pixels < size * size:
+        raise UserError(f"--max-pixels ({max_pixels}) is below --size² ({size * size}): no image could pass")
+    images = _FolderImages(input_path, size, seed, max_pixels)
     try:
         index = write_shards(images, output, size=size, samples_per_shard=samples_per_shard,
                              quality=quality, overwrite=overwrite, source=str(input_path))

@@ -41,7 +41,9 @@ import itertools
 import logging
 import os
 import random
+import signal
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -299,6 +301,23 @@ class _WorkerBatches(IterableDataset):
         yield tagged({"_end": True}, (epoch, 0))
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In a DataLoader worker: die of SIGTERM only when the training process (the parent) sends it, as torch's
+    own worker handler does, and ignore it from anyone else. Schedulers send SIGTERM to every process of a job
+    (Slurm; torch elastic, to the process group), and the training process stops on it gracefully while still
+    reading batches (README, "Stopping"). Python handlers cannot see the sender: a thread takes the blocked
+    signal with `sigwaitinfo`, which can."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="sigterm-from-parent", daemon=True).start()
+
+
 # --------------------------------------------------------------------------------------------
 # Main-process side
 # --------------------------------------------------------------------------------------------
@@ -391,7 +410,8 @@ class TrainStream:
         # Own generator: creating the loader must not consume the global torch RNG (training
         # randomness would then depend on when the stream was (re)started).
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False,
-                          generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")))
+                          generator=torch.Generator().manual_seed(derive_seed(self.seed, "loader")),
+                          worker_init_fn=_leave_stop_signals_to_the_trainer)
 
     def _my_rows(self, batch: dict) -> dict:
         """With split="global": this rank's rows [rank·B, (rank+1)·B) of a global batch (uint8, before

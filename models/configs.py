@@ -7,7 +7,6 @@ modules re-export them, so `from models.energy import EnergyNetConfig` keeps wor
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 METHODS = ("vaebm", "latent-tilting", "joint-prior")  # energy methods (models/adapters.py)
@@ -123,8 +122,9 @@ class HVAEConfig:
             raise ValueError(f"prior must be one of {', '.join(HVAE_PRIORS)}, got {self.prior!r}")
         if self.pseudo_init not in PSEUDO_INITS:
             raise ValueError(f"pseudo_init must be one of {', '.join(PSEUDO_INITS)}, got {self.pseudo_init!r}")
-        if not self.min_log_var < self.max_log_var:
-            raise ValueError(f"min_log_var ({self.min_log_var}) must be < max_log_var ({self.max_log_var})")
+        if not -30.0 <= self.min_log_var < self.max_log_var <= 30.0:
+            raise ValueError(f"min_log_var ({self.min_log_var}) must be < max_log_var ({self.max_log_var}), both in "
+                             f"[-30, 30]")
 
 
 @dataclass
@@ -145,5 +145,5 @@ class MLPVAEConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.activation not in ACTIVATION_NAMES:
             raise ValueError(f"activation must be one of {sorted(ACTIVATION_NAMES)}, got {self.activation!r}")
-        if not math.isfinite(self.min_log_sigma):
-            raise ValueError(f"min_log_sigma must be finite, got {self.min_log_sigma!r}")
+        if not -30.0 <= self.min_log_sigma <= 10.0:
+            raise ValueError(f"min_log_sigma must be in [-30, 10], got {self.min_log_sigma!r}")

@@ -121,6 +121,7 @@ class BundleSampler:
         self.path = Path(path)
         self.defaults = dict(manifest["sampling"])
         self.chunk = int(self.defaults.get("chunk", DEFAULT_CHUNK))  # see `sample_indices`; settable
+        self.file_sha256: dict[str, str] = {}  # the loaded files' digests as bundle.json records them (load_bundle)
 
     # --- what the bundle holds ---------------------------------------------------------------
 

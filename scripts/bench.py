@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from trainer.bench.contention import DEFAULT_SETTINGS, busy_competitor
-from trainer.errors import UserError, run_cli
+from trainer.errors import UserError
+from trainer.cli import run_cli
 from trainer.run.threads import set_threads
 
 

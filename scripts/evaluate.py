@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from trainer.errors import UserError, run_cli  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.cli import run_cli  # noqa: E402
 from trainer.evaluation import available, experiment_module, summary  # noqa: E402
 
 

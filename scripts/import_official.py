@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from trainer.errors import run_cli  # noqa: E402
+from trainer.cli import run_cli  # noqa: E402
 
 LAYOUTS = ("cifar10", "celeba64", "lsun_church64", "celebahq256")
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from trainer.errors import UserError, run_cli  # noqa: E402
+from trainer.cli import run_cli  # noqa: E402
+from trainer.errors import TrainingDiverged  # noqa: E402
 
 # Measured on this project's 2-core CPU machine, idle (README, "Quick start"): what the estimate is made of.
 STAGE_MINUTES = {"nvae": 4.0, "vaebm": 1.5, "toy": 2.0, "picture": 1.0}
@@ -56,9 +57,10 @@ def main() -> int:
         print(f"\n== {number}/4 {what} ({cfg.train.max_steps} steps, about {STAGE_MINUTES[name]:.1f} min) -> {run_dir}",
               file=sys.stderr, flush=True)
         started = time.perf_counter()
-        checkpoint = train(cfg, run_dir)
-        if checkpoint is None:
-            raise UserError(f"{what} diverged (see {run_dir}/log.txt); re-run with a new --out")
+        try:
+            checkpoint = train(cfg, run_dir)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"{what}: {err}; re-run with a new --out") from None
         if Checkpoint(checkpoint).step < cfg.train.max_steps:
             print(f"stopped at step {Checkpoint(checkpoint).step} (STOP); re-run the same command to continue",
                   file=sys.stderr)

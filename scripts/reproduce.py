@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from trainer.errors import UserError, run_cli  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.cli import run_cli  # noqa: E402
 
 ORDER = ("toy-likelihood", "modes", "fd-digits", "ood", "fid", "latent-tilting", "vampprior", "joint-prior")
 SHARES_MODELS = {"modes", "fd-digits", "ood", "latent-tilting", "joint-prior"}  # take --models-dir

@@ -9,8 +9,9 @@ Image i depends only on (seed, i): its chain's noise comes from its own generato
 chunks of exactly `--chunk` chains (padded), so the files are bit-identical whatever the batch size or the
 number of processes (on one kind of device with one thread count; the chunk size is part of the settings). Process `rank` of `world` (RANK / WORLD_SIZE / LOCAL_RANK, as set by accelerate launch
 or torchrun; no process group is formed) writes the indices i with i % world == rank. Re-running the
-command skips files already written; `OUT/sampling.json` records the settings, and a rerun with other
-settings into the same OUT is refused.
+command skips files already written; `OUT/sampling.json` records the settings and the SHA-256 of the weights,
+and a rerun with other settings or other weights into the same OUT is refused. The bundle's files are verified
+against their SHA-256 digests before anything is sampled; `--no-verify` skips that (trusted bundles only).
 
 PNG files are `OUT/{i:06d}.png`: the decoder mean of the final state, mapped to [0, 255] by clamping
 [−1, 1] (the official VAEBM script min–max rescaled each image on its own instead). `--chains-every k`
@@ -34,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from models.files import atomic_write, atomic_write_json  # noqa: E402
-from trainer.errors import UserError, run_cli  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.cli import run_cli  # noqa: E402
 
 NPZ_CHUNK = 1000
 SETTINGS = "sampling.json"
@@ -61,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chains-every", type=int, default=0, help="also write each chain's states every k steps")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     parser.add_argument("--autocast", choices=("no", "bf16"), default=None, help="Langevin energy passes in bf16")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip the SHA-256 check of the bundle's files (trusted, very large bundles only)")
     return parser.parse_args(argv)
 
 
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or (f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     try:
-        sampler = load_bundle(args.bundle, device=device)
+        sampler = load_bundle(args.bundle, device=device, verify=not args.no_verify)
         options = sampler.options(args.steps, args.step_size, args.temperature, args.init, args.autocast)
     except (BundleError, SamplingOptionError) as err:
         raise UserError(str(err)) from None
@@ -167,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"bundle_sha256": hashlib.sha256((args.bundle / MANIFEST).read_bytes()).hexdigest(),
-                "seed": args.seed, "format": fmt, "chains_every": args.chains_every, "chunk": sampler.chunk,
-                **options.as_dict()}
+                "weights_sha256": sampler.file_sha256, "seed": args.seed, "format": fmt,
+                "chains_every": args.chains_every, "chunk": sampler.chunk, **options.as_dict()}
     check_settings(out, settings, rank)
     kwargs = dict(steps=options.steps, step_size=options.step_size, temperature=options.temperature,
                   init=options.init, autocast=options.autocast, chains_every=args.chains_every)

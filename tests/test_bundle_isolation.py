@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from models.bundle import BundleError, load_bundle, save_bundle
 from models.energy import EnergyNetConfig, build_energy
 from models.nvae import NVAE, NVAEConfig
-from trainer.errors import run_cli
+from trainer.cli import run_cli
 
 TRAINING_STACK = ("accelerate", "deepspeed", "webdataset", "tensorboard", "torch_fidelity", "trainer", "yaml", "transformers")
 
@@ -145,3 +145,101 @@ def test_sample_script_reports_a_bad_bundle_in_one_line(bundle, tmp_path, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "unknown format version 99" in err and len(err.splitlines()) == 1
+
+
+# ---- Nothing let in: confinement, digests, sizes checked before anything is built (issue: bundles) -----------
+
+def _manifest(bundle):
+    return json.loads((bundle / "bundle.json").read_text())
+
+
+def _write_manifest(bundle, manifest):
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_bundle_files_must_stay_inside_the_folder(bundle, tmp_path, how):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = elsewhere / "vae.safetensors"
+    os.replace(bundle / "vae.safetensors", outside)
+    manifest = _manifest(bundle)
+    if how == "symlink":
+        (bundle / "vae.safetensors").symlink_to(outside)
+    else:
+        name = "../elsewhere/vae.safetensors" if how == "dotdot" else str(outside)
+        manifest["vae"]["file"] = name
+        manifest["files"][name] = manifest["files"].pop("vae.safetensors")
+        _write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match="not a plain name inside the bundle|leads outside the bundle"):
+        load_bundle(bundle)
+
+
+def _flip_data_bytes(path, count=64):
+    """Change `count` bytes of tensor data (after the header), leaving the header valid."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little") + 16
+    raw[start:start + count] = bytes(255 - b for b in raw[start:start + count])
+    path.write_bytes(bytes(raw))
+
+
+def test_changed_weights_are_refused_unless_verification_is_off(bundle):
+    _flip_data_bytes(bundle / "vae.safetensors")
+    with pytest.raises(BundleError, match=r"vae\.safetensors' does not match its SHA-256"):
+        load_bundle(bundle)
+    assert load_bundle(bundle, verify=False).kind == "vaebm"  # the documented opt-out: sizes only
+
+
+def test_a_truncated_file_is_refused_even_without_verification(bundle):
+    path = bundle / "energy.safetensors"
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(BundleError, match="energy.safetensors' is not a valid safetensors file"):
+        load_bundle(bundle, verify=False)
+
+
+def test_an_absurd_config_is_refused_before_anything_is_allocated(bundle):
+    """65,536 encoder channels would need ~150 GB of weights: the meta-device build and the header check refuse
+    it while the process stays small (measured in a fresh process)."""
+    manifest = _manifest(bundle)
+    manifest["vae"]["config"]["channels_enc"] = 65536
+    _write_manifest(bundle, manifest)
+    code = f"""
+import json, resource
+from models.bundle import BundleError, load_bundle
+try:
+    load_bundle({str(bundle)!r})
+    outcome = "loaded"
+except BundleError as err:
+    outcome = str(err)
+print(json.dumps({{"outcome": outcome, "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]  # (on a loader that builds first: a C++ bad_alloc abort)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "does not match the VAE described in bundle.json" in report["outcome"] and "\n" not in report["outcome"]
+    assert report["max_rss_mb"] < 1500, report
+
+
+def test_sampling_refuses_weights_replaced_in_place(bundle, tmp_path, capsys):
+    """Re-running sample.py into the same folder after the weights changed must not mix two models' images."""
+    spec = importlib.util.spec_from_file_location("script_sample_guard", ROOT / "scripts" / "sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "out"
+    args = [str(bundle), "--n", "2", "--out", str(out), "--steps", "1", "--chunk", "2"]
+    module.main(args)
+    assert json.loads((out / "sampling.json").read_text())["weights_sha256"]["vae.safetensors"] == \
+        _manifest(bundle)["files"]["vae.safetensors"]["sha256"]
+    other = tiny_bundle(tmp_path / "other")  # the same architecture, other weights (another init seed below)
+    torch.manual_seed(1)
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_file(other / "vae.safetensors").items()}
+    save_file(state, str(bundle / "vae.safetensors"))  # replaced in place; bundle.json unchanged
+    (out / "000001.png").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: module.main(args))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "vae.safetensors' does not match its SHA-256" in err
+    assert not (out / "000001.png").exists()

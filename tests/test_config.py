@@ -1,4 +1,5 @@
 """The config tree: presets resolve, overrides apply, mistakes name their key."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,53 @@ def test_cli_unknown_key_is_one_line_exit_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "train.bogus" in lines[0]
     assert not run_dir.exists()  # nothing written before the config is valid
+
+
+# ---- Every float finite and in range, checked up front; messages bounded (issue: config values) --------------
+
+def digits_vaebm(*overrides):
+    return load_config(VAEBMTrainingConfig, "vaebm", "digits", ["vae.path=unused", *overrides])
+
+
+@pytest.mark.parametrize("kind, override, fragment", [
+    ("nvae", "optim.lr=nan", "optim.lr' must be a finite number"),
+    ("nvae", "optim.lr=.nan", "optim.lr' must be a finite number"),
+    ("nvae", "optim.lr=inf", "optim.lr' must be a finite number"),
+    ("nvae", "optim.lr=1e300", "optim.lr must be in (0, 1]"),
+    ("nvae", "optim.eps=-.inf", "optim.eps' must be a finite number"),
+    ("nvae", "optim.weight_decay=5", "optim.weight_decay must be in [0, 1]"),
+    ("nvae", "loss.spectral_coeff=1e300", "loss.spectral_coeff"),
+    ("nvae", "train.ema_decay=nan", "train.ema_decay' must be a finite number"),
+    ("nvae", "model.bn_eps=1e300", "bn_eps"),
+    ("vaebm", "langevin.step_size=nan", "langevin.step_size' must be a finite number"),
+    ("vaebm", "langevin.step_size=5", "langevin.step_size must be in (0, 1]"),
+    ("vaebm", "optim.lr=1e300", "optim.lr must be in (0, 1]"),
+    ("vaebm", "optim.clip_offset=1e300", "optim.clip_offset"),
+    ("vaebm", "vae.temperature=1e9", "vae.temperature must be in (0, 10]"),
+    ("vaebm", "divergence.max_abs_energy=inf", "divergence.max_abs_energy' must be a finite number"),
+    ("vaebm", "replay.max_p=nan", "replay.max_p' must be a finite number"),
+])
+def test_non_finite_and_absurd_floats_are_refused_up_front(kind, override, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        load("digits", override) if kind == "nvae" else digits_vaebm(override)
+
+
+def test_an_error_quoting_a_huge_value_is_one_short_line():
+    huge = "x" * 100_000
+    for attempt in (lambda: load("digits", f"optim.lr={huge}"), lambda: load("digits", f"train.{huge}=1"),
+                    lambda: load("digits", f"data.dataset={huge}"), lambda: digits_vaebm(f"method={huge}")):
+        with pytest.raises(UserError) as failure:
+            attempt()
+        message = str(failure.value)
+        assert len(message) <= 400 and "\n" not in message, message[:200]
+
+
+def test_cli_nan_learning_rate_is_one_line_exit_2(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts/train_vaebm.py"), "--config", "digits",
+                             "--vae", str(tmp_path), "--run-dir", str(run_dir), "langevin.step_size=nan"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "langevin.step_size' must be a finite number" in lines[0]
+    assert not run_dir.exists()

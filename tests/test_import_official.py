@@ -19,7 +19,8 @@ from models.bundle import load_bundle
 from models.energy import LAYOUTS, build_energy
 from models.nvae import ARCHITECTURES, NVAE
 from models.nvae.official import ours_only
-from trainer.errors import UserError, run_cli
+from trainer.errors import UserError
+from trainer.cli import run_cli
 from trainer.official.ebm import (
     adam_state,
     energy_config,

@@ -1,6 +1,7 @@
 """scripts/make_shards.py run as a user would: exit codes, one-line errors, nothing left behind."""
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -87,3 +88,20 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path):
     assert named in lines[0]
     after = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
     assert after == before  # nothing written (or, for an existing set, nothing changed)
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_unread(tmp_path):
+    """A 12,000 × 12,000 PNG of 140 KB would decode to gigabytes: skipped and counted like an undecodable file,
+    judged from its header; --max-pixels moves the limit."""
+    for i in range(3):
+        _save_png(tmp_path / "in" / f"{i}.png", 20, 20)
+    _save_png(tmp_path / "in" / "larger.png", 30, 30)
+    buffer = io.BytesIO()
+    Image.new("L", (12000, 12000), 0).save(buffer, "PNG", optimize=True)
+    (tmp_path / "in" / "bomb.png").write_bytes(buffer.getvalue())
+    result = run_cli("--input", tmp_path / "in", "--output", tmp_path / "out", "--size", "16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("wrote 1 shards, 4 samples, skipped 1")
+    assert "DecompressionBomb" not in result.stderr  # judged by our limit, from the header
+    smaller = run_cli("--input", tmp_path / "in", "--output", tmp_path / "out2", "--size", "16", "--max-pixels", "500")
+    assert smaller.returncode == 0 and "3 samples, skipped 2" in smaller.stdout, smaller.stderr  # 30 × 30 > 500

@@ -242,6 +242,38 @@ def test_sweep_preemption_and_two_nodes(cluster, tmp_path, cache_dir):
     assert json.loads((sweep_dir / "task-1" / "stats.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
+def test_exit_codes_survive_the_batch_script(cluster, tmp_path, cache_dir):
+    """A job exits with its trainer's code: 2 for a bad config (through the launcher, trainer/run/launcher_exit.py),
+    3 for a diverged run even when the launcher cannot pass the code on (TORCH_DEVICE_BACKEND_AUTOLOAD=0: the
+    batch script reads the code the run recorded in status.json for this run of the job)."""
+    from data.bundled import materialize_shards
+    materialize_shards("digits", 32, cache_dir)
+    site = tmp_path / "site"  # pyproject.toml's torch.backends entry point, as `pip install -e .` registers it
+    info = site / "vaebm_trainer-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vaebm-trainer\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text("[torch.backends]\n"
+                                           "vaebm_trainer_exit_codes = trainer.run.launcher_exit:install\n")
+    python_path = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    bad_out, diverged_out = tmp_path / "bad.out", tmp_path / "diverged.out"
+    bad = sbatch(cluster, f"--output={bad_out}", "slurm/train_nvae.sbatch", "--config", "digits", "optim.lr=nan",
+                 env={"RUN_DIR": str(tmp_path / "bad"), "PYTHONPATH": python_path})
+    diverged = sbatch(cluster, f"--output={diverged_out}", "slurm/train_nvae.sbatch", "--config", "digits",
+                      f"data.cache_dir={cache_dir}", *SMALL, "train.max_steps=12", "train.checkpoint_every=2",
+                      "divergence.patience=2",
+                      env={"RUN_DIR": str(tmp_path / "diverged"), "TRAINER_SCRIPT": "tests/helpers/nan_nvae.py",
+                           "TORCH_DEVICE_BACKEND_AUTOLOAD": "0"})
+    try:
+        jobs = {**wait_finished(cluster, bad, 1, 300, [bad_out]), **wait_finished(cluster, diverged, 1, 300,
+                                                                                  [diverged_out])}
+    finally:
+        subprocess.run(["scancel", bad, diverged], env=cluster["env"], capture_output=True, timeout=30)
+    assert jobs[bad]["JobState"] == "FAILED" and jobs[bad]["ExitCode"] == "2:0", bad_out.read_text()
+    assert "error: config key 'optim.lr' must be a finite number" in bad_out.read_text()
+    assert jobs[diverged]["JobState"] == "FAILED" and jobs[diverged]["ExitCode"] == "3:0", diverged_out.read_text()
+    assert "the run recorded exit code 3" in diverged_out.read_text()
+
+
 # ---- Pieces that need no cluster -------------------------------------------------------------------
 
 def test_accelerate_config_files_load():

@@ -243,3 +243,43 @@ def test_global_split_last_partial_batch_is_cut_the_same_way(digits):
     # 1797 = 1000 + 797: rank 0 gets 500 + 500, rank 1 gets 500 + 297.
     assert [[len(b["key"]) for b in mine] for mine in batches] == [[500, 500], [500, 297]]
     assert {k for mine in batches for b in mine for k in b["key"]} == ALL_KEYS
+
+
+def _decompression_bomb() -> bytes:
+    """A 12,000 × 12,000 PNG of about 140 KB: 144 M pixels once decoded."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (12000, 12000), 0).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_an_oversized_image_in_a_shard_is_skipped_without_being_decoded(digits, tmp_path, monkeypatch):
+    """The stream reads a sample's header first and decodes only an image of the shards' S × S: a
+    decompression bomb is skipped and counted like any undecodable sample, never decoded."""
+    from PIL import ImageFile
+
+    bombed = tmp_path / "bombed"
+    shutil.copytree(digits, bombed)
+    bomb_key, bomb = f"{17:09d}", _decompression_bomb()
+    shard = bombed / "shard-000000.tar"
+    rewritten = bombed / "rewritten.tar"
+    with tarfile.open(shard) as src, tarfile.open(rewritten, "w") as dst:
+        for member in src:
+            payload = src.extractfile(member).read()
+            if member.name == f"{bomb_key}.png":
+                payload, member.size = bomb, len(bomb)
+            dst.addfile(member, io.BytesIO(payload))
+    rewritten.replace(shard)
+    decoded = []
+    original_load = ImageFile.ImageFile.load
+
+    def recording_load(image):
+        decoded.append(image.size[0] * image.size[1])
+        return original_load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    stream = make_stream(bombed, epochs=1, num_workers=0, max_skip_fraction=0.5)
+    keys = [key for batch in stream for key in batch["key"]]
+    assert bomb_key not in keys and len(keys) == 1796 and stream.skipped_samples == 1
+    assert decoded and max(decoded) == 8 * 8

@@ -1,12 +1,14 @@
-"""NVAE training end to end: run directory layout, resume by re-running, exact resume, learning."""
+"""NVAE training end to end: run directory layout, resume by re-running, exact resume, learning; a corrupt
+checkpoint falls back, a run whose weights go NaN stops as diverged."""
 import json
+import sys
 
 import pytest
 import torch
 from conftest import FAST, run_script
 from safetensors.torch import load_file
 
-from trainer.run.checkpoint import latest_checkpoint, read_torch
+from trainer.run.checkpoint import latest_checkpoint, list_checkpoints, read_torch, verify_checkpoint
 
 ACCELERATE = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
               "--dynamo_backend", "no"]
@@ -77,3 +79,51 @@ def test_model_change_in_existing_run_is_refused(nvae_run, cache_dir):
     result = run_script("train_nvae.py", "--config", "digits", "--run-dir", str(nvae_run), "model.channels_enc=8",
                         f"data.cache_dir={cache_dir}", *FAST, check=False)
     assert result.returncode == 2 and "different network" in result.stderr
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    common = ["--config", "digits", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}", *FAST,
+              "train.checkpoint_every=2", "train.image_every=0"]
+    run_script("train_nvae.py", *common, "train.max_steps=4")
+    optimizer = run_dir / "checkpoints" / "step-0000004" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])  # truncated
+    result = run_script("train_nvae.py", *common, "train.max_steps=6")
+    assert "checkpoint step-0000004 failed verification (optimizer.pt has 1000 bytes" in result.stderr
+    assert "resuming from step 2" in result.stderr
+    assert (run_dir / "checkpoints" / "corrupt" / "step-0000004-wrong-size" / "optimizer.pt").is_file()
+    assert latest_checkpoint(run_dir).name == "step-0000006"
+
+
+def strict_json(text: str):
+    """JSON as the standard defines it: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.slow
+def test_nan_weights_stop_the_run_as_diverged_and_no_nan_checkpoint_is_written(tmp_path, cache_dir):
+    """The energy loop's policy in NVAE pretraining: non-finite steps for `divergence.patience` steps stop the run
+    (exit 3), mark it (strict-JSON DIVERGED.json), keep only checkpoints from before the streak, refuse a blind
+    resume; --resume-from with changed settings rolls it back."""
+    run_dir = tmp_path / "run"
+    common = ["--config", "digits", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}", *FAST,
+              "train.checkpoint_every=2", "train.image_every=0", "divergence.patience=2"]
+    result = run_script("../tests/helpers/nan_nvae.py", *common, "train.max_steps=12", launcher=[sys.executable],
+                        check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: training diverged at step 5: non-finite loss")
+    assert strict_json((run_dir / "DIVERGED.json").read_text()) == {"step": 5, "onset": 4, "metric": "non-finite loss",
+                                                                     "value": "nan"}
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2]  # step 4 was due with NaN weights: not written
+    verify_checkpoint(run_dir / "checkpoints" / "step-0000002")  # finite weights, digests intact
+
+    again = run_script("train_nvae.py", *common, "train.max_steps=12", check=False)
+    assert again.returncode == 2 and "diverged at step 5" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    resumed = run_script("train_nvae.py", *common, "train.max_steps=4", "optim.lr=0.005",
+                         "--resume-from", str(run_dir / "checkpoints" / "step-0000002"))
+    assert "resuming from step 2" in resumed.stderr and not (run_dir / "DIVERGED.json").exists()
+    assert latest_checkpoint(run_dir).name == "step-0000004"

@@ -1,5 +1,7 @@
 """VAEBM training end to end: layout, replay buffer in checkpoints, exact resume, divergence handling."""
+import hashlib
 import json
+import shutil
 import sys
 
 import pytest
@@ -69,7 +71,8 @@ def test_injected_explosion_is_detected_and_not_resumed(tmp_path, nvae_run, cach
     run_dir = tmp_path / "run"
     args = vaebm_args(run_dir, nvae_run, cache_dir, "train.max_steps=12", "train.checkpoint_every=2",
                       "divergence.patience=2", "divergence.max_abs_energy=1e4")
-    result = run_script("../tests/helpers/explode_vaebm.py", *args, launcher=[sys.executable])
+    result = run_script("../tests/helpers/explode_vaebm.py", *args, launcher=[sys.executable], check=False)
+    assert result.returncode == 3, result.stderr[-3000:]  # exit code 3: diverged (README, "Exit codes")
     assert "training diverged at step 6" in result.stderr and "|energy|" in result.stderr
     marker = json.loads((run_dir / "DIVERGED.json").read_text())
     assert marker["onset"] == 5 and marker["step"] == 6
@@ -129,3 +132,35 @@ def test_toy2d_pipeline_mlp_vae_then_vaebm(tmp_path):
     assert "resuming from step 5" in resumed.stderr
     last = rows(ebm_dir)[-1]
     assert last["step"] == 10 and all(abs(last[k]) < 1e3 for k in ("energy_pos", "energy_neg"))
+
+
+@pytest.mark.slow
+def test_an_energy_run_keeps_the_vae_it_started_with(tmp_path):
+    """The first start pins the VAE checkpoint (path and SHA-256 in every checkpoint's state.json). The VAE run
+    training on does not move it; the pinned checkpoint gone, a resume is refused in one line naming both until
+    the user says --vae-changed-ok. (2-D toys: the same code as the NVAE, a hundred times cheaper.)"""
+    vae_run, run_dir = tmp_path / "vae", tmp_path / "ebm"
+    fast = ["train.progress_bar=false", "train.log_every=5", "train.per_device_batch_size=64",
+            "train.global_batch_size=64", "train.checkpoint_every=10"]
+    train_vae = ["--config", "toy2d", "--run-dir", str(vae_run), *fast]
+    run_script("train_nvae.py", *train_vae, "train.max_steps=10")
+    args = ["--config", "toy2d", "--vae", str(vae_run), "--run-dir", str(run_dir), "langevin.steps=2", *fast]
+    run_script("train_vaebm.py", *args, "train.max_steps=2")
+    pinned = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
+    first_vae = latest_checkpoint(vae_run)
+    assert pinned["vae_checkpoint"] == str(first_vae.resolve()) and pinned["vae_weights"] == "ema"
+    assert pinned["vae_sha256"] == hashlib.sha256((first_vae / "ema.safetensors").read_bytes()).hexdigest()
+
+    run_script("train_nvae.py", *train_vae, "train.max_steps=20")
+    assert latest_checkpoint(vae_run) != first_vae  # the VAE run moved on
+    again = run_script("train_vaebm.py", *args, "train.max_steps=3")
+    assert f"VAE {first_vae.resolve()}" in again.stderr  # still the pinned one
+
+    shutil.rmtree(first_vae)
+    refused = run_script("train_vaebm.py", *args, "train.max_steps=4", check=False)
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and line.startswith("error: this energy run trained against VAE checkpoint")
+    assert str(first_vae.resolve()) in line and str(latest_checkpoint(vae_run)) in line and "--vae-changed-ok" in line
+    run_script("train_vaebm.py", *args, "train.max_steps=4", "--vae-changed-ok")
+    now = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())
+    assert now["vae_checkpoint"] == str(latest_checkpoint(vae_run).resolve()) and now["step"] == 4

@@ -11,8 +11,11 @@ import os
 import sys
 import textwrap
 import typing
+from typing import Callable
 
-from trainer.errors import UserError
+from trainer.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, UserError, no_space_path, one_line,
+                            write_launcher_note)
+from trainer.run.threads import configure_cpu_threads
 
 IMAGE_SIZE_KEYS = ("data.image_size", "model.image_size")
 
@@ -191,3 +194,43 @@ def config_keys(cls) -> list[tuple[str, list[str]]]:
         else:
             sections.append((field.name, [f.name for f in dataclasses.fields(section)]))
     return ([("top level", top)] if top else []) + sections
+
+
+# ----------------------------------------------------------------------------------------------
+# The scripts' entry point.
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Set the CPU thread policy (before torch loads, `trainer/run/threads.py`), run `main()`, and turn
+    `UserError` (exit 2), a full device (exit 2) and `TrainingDiverged` (exit 3) into one `error: <message>`
+    line on stderr, the last thing printed (README, "Exit codes")."""
+    try:
+        configure_cpu_threads()
+        code = main()
+    except UserError as err:
+        _fail(EXIT_BAD_INPUT, str(err))
+    except TrainingDiverged as err:
+        _fail(EXIT_DIVERGED, str(err))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as err:
+        path = no_space_path(err)
+        if path is None:
+            raise
+        _fail(EXIT_BAD_INPUT, f"no space left on the device{f' writing {path!r}' if path else ''}: "
+                              f"free some space and re-run")
+    # Exit at once: interpreter teardown of thousands of imported modules (torch, deepspeed, ...)
+    # takes tens of seconds on a loaded machine, which delays requeues after preemption. Everything
+    # the scripts write is closed or flushed by now (files are written atomically).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def _fail(code: int, message: str) -> None:
+    line = f"error: {one_line(message)}"
+    write_launcher_note(code, line)
+    sys.stdout.flush()
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)

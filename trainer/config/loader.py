@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Union
 import yaml
 
 from models.files import atomic_write_text
-from trainer.errors import UserError
+from trainer.errors import UserError, one_line, short_repr
 
 PRESET_DIR = Path(__file__).parents[1] / "presets"  # trainer/presets/<kind>/<name>.yaml
 
@@ -53,17 +54,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except UserError as err:
                 errors.append(str(err))
-        raise UserError(errors[0] if errors else f"bad value {value!r} for config key '{key}'")
+        raise UserError(errors[0] if errors else f"bad value {short_repr(value)} for config key '{key}'")
     if origin in (list, tuple):
         (item_type, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{key}' expects a list, got {value!r}")
+            raise UserError(f"config key '{key}' expects a list, got {short_repr(value)}")
         return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"config key '{key}' expects a mapping, got {value!r}")
+            raise UserError(f"config key '{key}' expects a mapping, got {short_repr(value)}")
         return from_dict(tp, value, prefix=key)
     if tp is Any:
         return value
@@ -72,10 +73,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise UserError(f"config key '{key}' expects true/false, got {value!r}")
+        raise UserError(f"config key '{key}' expects true/false, got {short_repr(value)}")
     if tp is int:
         if isinstance(value, bool):
-            raise UserError(f"config key '{key}' expects an integer, got {value!r}")
+            raise UserError(f"config key '{key}' expects an integer, got {short_repr(value)}")
         if isinstance(value, int):
             return value
         if isinstance(value, float) and value.is_integer():
@@ -85,22 +86,25 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise UserError(f"config key '{key}' expects an integer, got {value!r}")
+        raise UserError(f"config key '{key}' expects an integer, got {short_repr(value)}")
     if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"config key '{key}' expects a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value) if abs(value) < 1e308 or isinstance(value, float) else math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"config key '{key}' expects a number, got {value!r}")
+        if number is None:
+            raise UserError(f"config key '{key}' expects a number, got {short_repr(value)}")
+        if not math.isfinite(number):  # NaN or infinity would pass every range check written as a comparison
+            raise UserError(f"config key '{key}' must be a finite number, got {short_repr(value)}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise UserError(f"config key '{key}' expects a string, got {value!r}")
+        raise UserError(f"config key '{key}' expects a string, got {short_repr(value)}")
     raise UserError(f"config key '{key}' has unsupported type {_type_name(tp)}")
 
 
@@ -112,7 +116,7 @@ def from_dict(cls: type, values: dict, prefix: str = "") -> Any:
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in names:
-            raise UserError(f"unknown config key '{key}'{did_you_mean(str(name), cls, prefix)}")
+            raise UserError(f"unknown config key {short_repr(key)}{did_you_mean(str(name), cls, prefix)}")
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
@@ -165,11 +169,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """`train.max_steps=50` -> ("train.max_steps", 50). Values are parsed as YAML scalars."""
     if "=" not in text:
-        raise UserError(f"override '{text}' is not of the form key=value")
+        raise UserError(f"override {short_repr(text)} is not of the form key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise UserError(f"override '{text}' has an empty key")
+        raise UserError(f"override {short_repr(text)} has an empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -263,7 +267,7 @@ def validate(cfg: Any, prefix: str = "") -> None:
         try:
             check()
         except ValueError as err:
-            message = str(err)
+            message = one_line(str(err), 300)
             raise UserError(f"{prefix}{message}" if prefix and not message.startswith(prefix) else message) from None
 
 

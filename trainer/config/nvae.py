@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from models.configs import HVAEConfig, MLPVAEConfig
 from models.nvae.config import NVAEConfig
-from trainer.config.common import DataConfig, EvalConfig, TrainConfig
+from trainer.config.common import MAX_COEFF, DataConfig, EvalConfig, TrainConfig
 from trainer.errors import UserError
 
 
@@ -23,10 +23,14 @@ class NVAEOptimConfig:
     eps: float = 1e-3                # Adamax eps (NVAE uses 1e-3)
 
     def validate(self) -> None:
-        if self.lr <= 0 or self.lr_min < 0 or self.lr_min > self.lr:
-            raise ValueError(f"lr must be > 0 and lr_min in [0, lr], got lr={self.lr}, lr_min={self.lr_min}")
+        if not 0 < self.lr <= 1 or self.lr_min < 0 or self.lr_min > self.lr:
+            raise ValueError(f"lr must be in (0, 1] and lr_min in [0, lr], got lr={self.lr}, lr_min={self.lr_min}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.weight_decay <= 1:
+            raise ValueError(f"weight_decay must be in [0, 1], got {self.weight_decay}")
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"eps must be in (0, 1], got {self.eps}")
 
 
 @dataclass
@@ -42,8 +46,22 @@ class NVAELossConfig:
     def validate(self) -> None:
         if not 0 < self.kl_anneal_portion <= 1:
             raise ValueError(f"kl_anneal_portion must be in (0, 1], got {self.kl_anneal_portion}")
-        if self.spectral_coeff < 0 or self.spectral_coeff_init < 0:
-            raise ValueError("spectral_coeff and spectral_coeff_init must be >= 0")
+        if not 0 <= self.kl_const_portion <= 1 or not 0 <= self.kl_min_coeff <= 1:
+            raise ValueError(f"kl_const_portion and kl_min_coeff must be in [0, 1], got {self.kl_const_portion}, "
+                             f"{self.kl_min_coeff}")
+        if not (0 <= self.spectral_coeff <= MAX_COEFF and 0 <= self.spectral_coeff_init <= MAX_COEFF):
+            raise ValueError(f"spectral_coeff and spectral_coeff_init must be in [0, {MAX_COEFF:g}], got "
+                             f"{self.spectral_coeff}, {self.spectral_coeff_init}")
+
+
+@dataclass
+class NVAEDivergenceConfig:
+    patience: int = 5                # consecutive steps with a non-finite loss or gradient (or non-finite weights
+                                     # at a checkpoint) that mean divergence; a single one is skipped and counted
+
+    def validate(self) -> None:
+        if self.patience < 1:
+            raise ValueError(f"patience must be >= 1, got {self.patience}")
 
 
 @dataclass
@@ -57,6 +75,7 @@ class NVAETrainingConfig:
     loss: NVAELossConfig = field(default_factory=NVAELossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    divergence: NVAEDivergenceConfig = field(default_factory=NVAEDivergenceConfig)
 
     def validate(self) -> None:
         if isinstance(self.model, MLPVAEConfig):

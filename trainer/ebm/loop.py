@@ -13,7 +13,9 @@ gradients are all-reduced by DDP. With `data.split=global` every process draws t
 whole global micro-batch from a generator seeded per (seed, step) and keeps its rows, so without the
 replay buffer (whose entries are per process) 2 processes with B/2 chains each train like 1 process with
 B (tested). Image grids are computed by all processes, each its share of the chains. Re-running the
-command resumes; a diverged run is never resumed into (see `trainer/run/divergence.py` and `resume_from`).
+command resumes from the newest checkpoint that verifies, against the VAE checkpoint the run pinned at its
+first start (`trainer/ebm/sources.py`); a diverged run is never resumed into (see
+`trainer/run/divergence.py` and `resume_from`).
 """
 from __future__ import annotations
 
@@ -32,34 +34,53 @@ from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.ebm.finetune import GeneratorFinetuner
 from trainer.ebm.objective import clip_to_adam_rms, ebm_loss
 from trainer.ebm.replay import ReplayBuffer, replay_probability
-from trainer.ebm.sources import check_vae_fits_data, load_frozen_vae
+from trainer.ebm.sources import check_vae_fits_data, load_frozen_vae, pin_vae
 from trainer.errors import UserError
-from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save, is_imported,
-                                    latest_checkpoint, restore_process_state, rng_state)
-from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, collective_rows, mean_across_ranks,
-                                    sliced_noise)
-from trainer.run.divergence import Divergence, DivergenceDetector
+from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save,
+                                    first_non_finite, is_imported, latest_checkpoint, load_state,
+                                    restore_process_state, rng_state, select_resume_checkpoint)
+from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, collective_rows, main_then_share,
+                                    mean_across_ranks, sliced_noise)
+from trainer.run.divergence import Divergence, DivergenceDetector, stop_diverged
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
 from trainer.run.launch import (Launch, batch_inputs, compile_if_asked, make_accelerator, make_train_stream,
                                 peak_memory_mb, process_seed, seed_everything)
 from trainer.run.monitor import Progress, RunMonitor, parameter_count
-from trainer.run.rundir import check_run_dir, mark_diverged, prepare_run_dir, stop_requested
+from trainer.run.rundir import OwnedRun, own_run_dir
 
 GRID_CHAINS = 8
 GRID_SEED = 4321  # the fixed chains of the before/after-Langevin grids
 
 
-def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | None = None) -> Path | None:
-    """Train (or resume) an energy on a frozen VAE; returns the final checkpoint (None if diverged)."""
-    # Launch.
+def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | None = None,
+                vae_changed_ok: bool = False) -> Path:
+    """Train (or resume) an energy on a frozen VAE; returns the final checkpoint. Raises `TrainingDiverged`
+    when the run diverges. `vae_changed_ok`: resume against a VAE other than the one the run pinned."""
     launch = make_accelerator(cfg.train, run_dir)
-    accelerator = launch.accelerator
+    with own_run_dir(run_dir, cfg, launch.accelerator, kind="vaebm", section="energy",
+                     resume_from=resume_from) as run:
+        return _train_vaebm(cfg, run, launch, resume_from, vae_changed_ok)
+
+
+def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume_from: Path | None,
+                 vae_changed_ok: bool) -> Path:
+    # Launch.
+    accelerator, run_dir = launch.accelerator, run.path
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    # Nothing is written until everything below has loaded (a --vae that is not a run leaves no run dir).
-    run_dir = check_run_dir(run_dir, cfg, section="energy", resume_from=resume_from)
+
+    # The checkpoint to resume from (verified; failing ones moved aside) and the VAE it pinned, both
+    # decided by the main process.
+    notes: list[str] = []
+    checkpoint_path = main_then_share(accelerator,
+                                      lambda: resume_from or select_resume_checkpoint(run_dir, notes.append))
+    checkpoint = Checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    pinned = checkpoint.state() if checkpoint is not None else None  # vae_checkpoint, vae_weights, vae_sha256
+    vae_pin = main_then_share(accelerator, lambda: pin_vae(cfg.vae.path, cfg.vae.weights, pinned,
+                                                           vae_changed_ok, notes.append))
+    vae_checkpoint = Path(vae_pin["vae_checkpoint"])
 
     # The frozen VAE, the energy, its optimizer, the replay buffer, data.
-    vae, vae_checkpoint = load_frozen_vae(cfg.vae.path, cfg.vae.weights, device)  # never wrapped or trained
+    vae, _ = load_frozen_vae(vae_checkpoint, cfg.vae.weights, device)  # never wrapped or trained
     check_vae_fits_data(vae, cfg.data, cfg.vae.path)
     seed_everything(cfg.train.seed)
     energy = build_energy(cfg.energy, vae.z_shapes)  # a latent energy scores z, not the noise
@@ -82,13 +103,13 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
     noise_rank = rank if cfg.data.split == "shards" else 0  # global: the same chain noise on every process
     update = EnergyUpdate(energy, net, optimizer, adapter, buffer, finetuner, launch, cfg, rows=rows,
                           noise_rank=noise_rank)
-    prepare_run_dir(run_dir, cfg, accelerator, kind="vaebm", section="energy", resume_from=resume_from)
+    run.prepare(cfg)  # everything that can fail at a start has loaded: now the run directory is written
 
     # Resume, or initialize the energy from data.
-    step, checkpoint_path = 0, resume_from or latest_checkpoint(run_dir)
-    if checkpoint_path is not None:
-        step = restore(Checkpoint(checkpoint_path), energy, optimizer, buffer, detector, stream, launch,
-                       cfg.train.seed, finetuner)
+    step = 0
+    if checkpoint is not None:
+        step = restore(checkpoint, energy, optimizer, buffer, detector, stream, launch, cfg.train.seed,
+                       finetuner)
         batches = iter(stream)
     else:
         seed_everything(process_seed(cfg.train.seed, rank))
@@ -96,6 +117,8 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
         net.initialize_from_data(adapter.positives(init))  # statistics all-reduced across processes
     monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step, accelerator=accelerator,
                          project=cfg.train.tracker_project)
+    for note in notes:
+        monitor.log(note)
     fid = make_training_fid(cfg, is_image_model(vae), accelerator, monitor.log)
     replay = f", replay buffer {buffer.nbytes / 2**20:.1f} MB per process" if buffer else ""
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'} {cfg.method}: energy "
@@ -103,10 +126,12 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
                 f"{launch.accumulation}, device {device}{replay}"
                 f"{f', compiled ({cfg.train.compile_backend})' if cfg.train.compile else ''}")
     saver = CheckpointSaver(run_dir, rank=rank, world_size=world, is_main=accelerator.is_main_process,
-                            barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints)
+                            barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints,
+                            any_failed=lambda flag: any_rank(accelerator, flag))
     stop_step = min(cfg.train.max_steps, cfg.train.halt_at_step or cfg.train.max_steps)
     progress = Progress(cfg.train.max_steps, step, accelerator.is_main_process and cfg.train.progress_bar)
-    last_saved = step if checkpoint_path is not None else -1
+    last_saved = step if checkpoint is not None else -1
+    stop = None
     test_steps = cfg.langevin.sample_steps or cfg.langevin.steps
 
     while step < stop_step:
@@ -116,9 +141,13 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
         step += 1
         progress.step_done(result.images)
 
-        # Divergence: decided on energies averaged over the processes, so every process stops together.
+        # Divergence: decided on energies averaged over the processes (and, where a checkpoint is due, the
+        # weights), so every process stops together.
         terms = mean_across_ranks(accelerator, result.terms)
-        divergence = detector.check(step, terms["energy_pos"], terms["energy_neg"], result.grads_finite)
+        checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == stop_step
+        weights_bad = checkpoint_due and any_rank(accelerator, not weights_finite(update))
+        divergence = detector.check(step, terms["energy_pos"], terms["energy_neg"], result.grads_finite,
+                                    not weights_bad)
 
         # Report.
         if step % cfg.train.log_every == 0 or step == stop_step or divergence:
@@ -130,10 +159,8 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
             monitor.scalars(step, energies)
             progress.new_window(gap=f"{terms['energy_gap']:.3g}", img_s=f"{row['img_per_s']:.1f}")
         if divergence:
-            stop_diverged(divergence, run_dir, accelerator, monitor)
             progress.close()
-            monitor.close()
-            return None
+            stop_diverged(divergence, run_dir, accelerator, monitor.log)
 
         # Image grids and FID after test-length Langevin (collective: each process runs a share).
         grid_due = step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)
@@ -144,19 +171,26 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
             log_fid(monitor, step, fid.evaluate(samples))
 
         # Checkpoint (never inside a streak of bad steps: those may be the start of a divergence).
-        if (step % cfg.train.checkpoint_every == 0 or step == stop_step) and not detector.in_bad_streak:
-            save_checkpoint(saver, step, update, detector, stream, vae_checkpoint)
+        stop = run.stop_reason()  # STOP file or a stop signal: checkpoint now, exit cleanly, resume on re-run
+        if checkpoint_due and not detector.in_bad_streak:
+            save_checkpoint(saver, step, update, detector, stream, vae_pin)
             last_saved = step
-        if stop_requested(run_dir, accelerator):  # preemption: checkpoint now, exit cleanly, resume on re-run
-            monitor.log(f"stop requested ({run_dir / 'STOP'}) at step {step}")
+        if stop:
+            monitor.log(f"stop requested ({stop}) at step {step}")
             break
 
-    # Done.
+    # Done. A run never ends with non-finite weights: however short its bad streak, that is a divergence.
+    if last_saved != step and any_rank(accelerator, not weights_finite(update)):
+        progress.close()
+        weights = Divergence(step, step, "non-finite weights", math.nan)
+        stop_diverged(detector.unfinished_streak(step) or weights, run_dir, accelerator, monitor.log)
     if last_saved != step and not detector.in_bad_streak:
-        save_checkpoint(saver, step, update, detector, stream, vae_checkpoint)
+        save_checkpoint(saver, step, update, detector, stream, vae_pin)
     progress.close()
-    monitor.log(f"{'halted' if step < cfg.train.max_steps else 'finished'} at step {step}; checkpoint "
-                f"{latest_checkpoint(run_dir)}")
+    ended = "halted" if step < cfg.train.max_steps else "finished"
+    line = f"{ended} at step {step}; checkpoint {latest_checkpoint(run_dir)}"
+    monitor.log(line)
+    run.end("stopped" if stop else ended, step, line)
     monitor.close()
     accelerator.end_training()
     return latest_checkpoint(run_dir)
@@ -315,13 +349,14 @@ def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | 
 
 
 def save_checkpoint(saver: CheckpointSaver, step: int, update: EnergyUpdate, detector: DivergenceDetector,
-                    stream, vae_checkpoint: Path) -> None:
-    """Write checkpoint `step` of the training state `update` holds, collectively (every process calls it)."""
+                    stream, vae_pin: dict) -> None:
+    """Write checkpoint `step` of the training state `update` holds, collectively (every process calls it).
+    `vae_pin`: the frozen VAE's checkpoint, weights and SHA-256 (`trainer/ebm/sources.py`), for state.json."""
     per_rank = {"rng.pt": rng_state(), "data.json": stream.state_dict()}
     if update.buffer is not None:
         per_rank["replay.pt"] = update.buffer.state_dict()
     shared = {"energy.safetensors": update.net.state_dict(),
-              "state.json": {"step": step, "kind": "vaebm", "vae_checkpoint": str(vae_checkpoint),
+              "state.json": {"step": step, "kind": "vaebm", **vae_pin,
                              "divergence": detector.state_dict(), "deepspeed": update.launch.deepspeed}}
     if not update.launch.deepspeed:
         shared["optimizer.pt"] = update.optimizer.state_dict()
@@ -343,39 +378,36 @@ def restore(checkpoint: Checkpoint, energy, optimizer, buffer, detector, stream,
     number of processes with a fresh data stream, an empty replay buffer and per-process seeds from `seed`.
     """
     accelerator = launch.accelerator
-    check_resumable(checkpoint, launch)
+    check_resumable(checkpoint, launch, kind="vaebm")
     imported = is_imported(checkpoint)
     net = launch.unwrap(energy)
-    net.load_state_dict(checkpoint.tensors("energy.safetensors"))  # includes spectral u/v and data-init flags
+    checkpoint.load_into(net, "energy.safetensors")  # includes spectral u/v and data-init flags
     if launch.deepspeed:
         energy.load_checkpoint(str(checkpoint.path / "deepspeed"), tag="state")
     else:
-        optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
-    detector.load_state_dict(checkpoint.json("state.json")["divergence"])
+        load_state(optimizer, checkpoint.torch("optimizer.pt"), checkpoint.path / "optimizer.pt")
+    load_state(detector, checkpoint.state().get("divergence"), checkpoint.path / "state.json")
     if accelerator.scaler is not None and checkpoint.has("scaler.pt"):
         accelerator.scaler.load_state_dict(checkpoint.torch("scaler.pt"))
     if finetuner is not None and not imported:  # an imported energy fine-tunes the VAE of vae.path
         if not checkpoint.has("vae.safetensors"):
             raise UserError(f"checkpoint '{checkpoint.path}' has no fine-tuned VAE but vae.finetune is true")
-        finetuner.vae.load_state_dict(checkpoint.tensors("vae.safetensors"))
-        finetuner.load_state_dict(checkpoint.torch("vae_optimizer.pt"))
+        checkpoint.load_into(finetuner.vae, "vae.safetensors")
+        load_state(finetuner, checkpoint.torch("vae_optimizer.pt"), checkpoint.path / "vae_optimizer.pt")
     rank = accelerator.process_index
     if buffer is not None and not imported:
         if not checkpoint.has(f"rank-{rank}/replay.pt"):
             raise UserError(f"checkpoint '{checkpoint.path}' has no replay buffer but replay.enabled is true")
-        buffer.load_state_dict(checkpoint.torch(f"rank-{rank}/replay.pt"))
+        replay = checkpoint.rank_file(rank, "replay.pt")
+        load_state(buffer, checkpoint.torch(f"rank-{rank}/replay.pt"), replay)
     restore_process_state(checkpoint, rank, stream, process_seed(seed, rank))
     return checkpoint.step
 
 
-def stop_diverged(divergence: Divergence, run_dir: Path, accelerator, monitor: RunMonitor) -> None:
-    """Stop: mark the run diverged and drop checkpoints from the bad streak on (none are written in it)."""
-    if accelerator.is_main_process:
-        mark_diverged(run_dir, divergence)
-    monitor.log(f"{divergence.message()}; stopped. The run is marked diverged; checkpoints before step "
-                f"{divergence.onset} are kept. Resume from one with changed settings: "
-                f"--resume-from CHECKPOINT")
-    accelerator.wait_for_everyone()
+def weights_finite(update: EnergyUpdate) -> bool:
+    """Whether the energy's weights (and a fine-tuned VAE's) are all finite (checked before a checkpoint)."""
+    nets = [update.net] + ([update.adapter.vae] if update.finetuner is not None else [])
+    return all(first_non_finite(net.state_dict()) is None for net in nets)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Trained models read back from run directories: the frozen VAE of an energy run (from an NVAE run directory or
-one of its checkpoints), and a trained energy network."""
+one of its checkpoints, pinned by content for the energy run's whole life), and a trained energy network."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -13,7 +14,9 @@ from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.config.loader import from_dict, read_yaml
 from trainer.config.nvae import NVAETrainingConfig
 from trainer.errors import UserError
-from trainer.run.checkpoint import Checkpoint, latest_checkpoint
+from trainer.run.checkpoint import Checkpoint, CorruptCheckpoint, latest_checkpoint, list_checkpoints, verify_file
+
+WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
 
 
 def resolve_vae_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -32,6 +35,86 @@ def resolve_vae_checkpoint(path: str | Path) -> tuple[Path, Path]:
     raise UserError(f"VAE path '{path}' is neither an NVAE run directory nor one of its checkpoints")
 
 
+def pin_vae(path: str | Path, weights: str, pinned: dict | None, change_ok: bool,
+            log: Callable[[str], None]) -> dict:
+    """The VAE checkpoint an energy run trains against: {"vae_checkpoint", "vae_weights", "vae_sha256"}, the
+    entries every energy checkpoint's state.json records.
+
+    A new run (`pinned` None) pins what `path` resolves to now (a run directory: its newest checkpoint). A resumed
+    run keeps the VAE its checkpoint pinned, found by content: the pinned checkpoint, or any checkpoint of `path`
+    whose weights have the pinned SHA-256 (the NVAE run may have trained on or moved). If none has, the resume is
+    refused naming both, unless `change_ok` (the user named the new VAE and said so). Its weights file is
+    verified against its checkpoint's manifest either way.
+    """
+    name = WEIGHTS[weights]
+    try:
+        now = resolve_vae_checkpoint(path)[0]
+    except UserError as err:
+        now, missing = None, str(err)
+    if pinned is None or not pinned.get("vae_checkpoint"):
+        if now is None:
+            raise UserError(missing)
+        return _pin(now, weights)
+    old, old_weights = Path(pinned["vae_checkpoint"]), pinned.get("vae_weights", weights)
+    old_sha = pinned.get("vae_sha256") or _weights_sha(old, name, computed=True)  # an old pin: the file's digest
+    named = now is not None and not (Path(path).expanduser() / "config.yaml").is_file()  # one checkpoint, by name
+    if old_weights == weights and old_sha is not None:
+        if named:  # the user named a checkpoint: it must be the pinned VAE
+            candidates = [now]
+        else:  # a run directory: wherever the pinned weights are now (the run may have trained on or moved)
+            candidates = [old, *(p for _, p in reversed(list_checkpoints(Path(path).expanduser()))), now]
+        for candidate in [c for c in candidates if c is not None]:
+            if _weights_sha(candidate, name, computed=candidate in (old, now)) == old_sha:
+                if candidate.resolve() != old.resolve():
+                    log(f"the pinned VAE (sha256 {old_sha[:12]}…) is now at {candidate}")
+                return _pin(candidate, weights)
+    if old_weights != weights:
+        what = f"with its {old_weights} weights (vae.weights is {weights} now)"
+    elif not (old / name).is_file():
+        what = "which is missing"
+    elif _weights_sha(old, name, computed=True) != old_sha:
+        what = "whose weights changed"
+    else:
+        what = "not the checkpoint vae.path names"
+    if now is not None:
+        now_sha = _weights_sha(now, name, computed=True) or "?"
+        described_now = f"vae.path '{path}' now resolves to {now} (sha256 {now_sha[:12]}…)"
+    else:
+        described_now = missing
+    if not change_ok:
+        raise UserError(f"this energy run trained against VAE checkpoint {old} ({old_weights} weights, sha256 "
+                        f"{(old_sha or '?')[:12]}…), {what}; {described_now}. To continue against the new VAE, "
+                        f"re-run with --vae-changed-ok")
+    if now is None:
+        raise UserError(missing)
+    log(f"VAE changed (--vae-changed-ok): was {old} (sha256 {(old_sha or '?')[:12]}…), now {now}")
+    return _pin(now, weights)
+
+
+def _pin(checkpoint_dir: Path, weights: str) -> dict:
+    try:
+        sha = verify_file(Checkpoint(checkpoint_dir), WEIGHTS[weights])
+    except CorruptCheckpoint as err:
+        raise UserError(f"the VAE checkpoint failed verification: {err}") from None
+    return {"vae_checkpoint": str(Path(checkpoint_dir).resolve()), "vae_weights": weights, "vae_sha256": sha}
+
+
+def _weights_sha(checkpoint_dir: Path, name: str, computed: bool) -> str | None:
+    """The SHA-256 a checkpoint's manifest records for `name`; with `computed`, the file's own when the manifest
+    has none (an old checkpoint). None when there is no such file."""
+    try:
+        checkpoint = Checkpoint(checkpoint_dir)
+    except UserError:
+        return None
+    if name in checkpoint.digests:
+        return checkpoint.digests[name]
+    if computed and checkpoint.has(name):
+        from models.files import file_digest
+
+        return file_digest(checkpoint.path / name)
+    return None
+
+
 def load_frozen_vae(path: str | Path, weights: str = "ema", device: torch.device | str = "cpu"):
     """(VAE, checkpoint directory): the NVAE (or MLP VAE) in eval mode with requires_grad off (BN uses its stored statistics), and its checkpoint."""
     checkpoint_dir, config_path = resolve_vae_checkpoint(path)
@@ -41,7 +124,7 @@ def load_frozen_vae(path: str | Path, weights: str = "ema", device: torch.device
     cfg = from_dict(NVAETrainingConfig, {"model": raw["model"]}).model
     vae = build_vae(cfg)
     checkpoint = Checkpoint(checkpoint_dir)
-    name = "ema.safetensors" if weights == "ema" else "model.safetensors"
+    name = WEIGHTS[weights]
     try:
         vae.load_state_dict(checkpoint.tensors(name))
     except RuntimeError as err:

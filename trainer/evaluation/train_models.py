@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trainer.config.loader import load_config, to_dict
-from trainer.errors import UserError
+from trainer.errors import TrainingDiverged, UserError
 
 Log = Callable[[str], None]
 # What changes how a run reports, not what it trains, is left out of the run's hash: these keys, and
@@ -92,8 +92,11 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     cfg = vaebm_config(preset, vae_run, overrides)
     run_dir = _run_dir("vaebm", preset, cfg, models_dir)
     log(f"VAEBM {preset} ({cfg.train.max_steps} steps, {cfg.langevin.steps} Langevin steps) in {run_dir}")
-    if train_vaebm(cfg, run_dir) is None:
-        raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower optim.lr")
+    try:
+        train_vaebm(cfg, run_dir)
+    except TrainingDiverged:
+        raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower "
+                        f"optim.lr") from None
     return run_dir
 
 

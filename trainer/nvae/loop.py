@@ -1,8 +1,9 @@
 """NVAE pretraining: one loop for one CPU, one GPU or many processes (`accelerate launch`).
 
-Re-running the same command resumes from the newest complete checkpoint in the run directory:
+Re-running the same command resumes from the newest checkpoint in the run directory that verifies:
 weights, EMA, optimizer, loss scaler, step, every process's RNG streams and data-stream position. On
-CPU in fp32 a resumed run reproduces an uninterrupted one exactly.
+CPU in fp32 a resumed run reproduces an uninterrupted one exactly. Non-finite losses, gradients or weights
+for `divergence.patience` steps stop the run as diverged (`trainer/run/divergence.py`), as in energy training.
 
 Several processes: gradients are averaged by DDP, BN statistics (`train.sync_bn`) and the KL-balancing
 statistics cover the global batch. With `data.split=global` the data and the posterior noise are also
@@ -29,24 +30,32 @@ from trainer.errors import UserError
 from trainer.nvae.objective import kl_balance_alphas, kl_warmup_coeff, nvae_loss, spectral_coeff
 from trainer.nvae.schedules import warmup_cosine_lr
 from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save,
-                                    latest_checkpoint, restore_process_state, rng_state)
-from trainer.run.collective import BatchRows, any_rank, collective_rows, mean_across_processes, sliced_noise
+                                    first_non_finite, latest_checkpoint, load_state, restore_process_state,
+                                    rng_state, select_resume_checkpoint)
+from trainer.run.collective import (BatchRows, any_rank, any_ranks, collective_rows, main_then_share,
+                                    mean_across_processes, sliced_noise)
+from trainer.run.divergence import Divergence, DivergenceDetector, stop_diverged
 from trainer.run.ema import EMA
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
 from trainer.run.launch import (Launch, batch_inputs, compile_if_asked, make_accelerator, make_train_stream,
                                 peak_memory_mb, process_seed, seed_everything, shard_directory)
 from trainer.run.monitor import Progress, RunMonitor, parameter_count
-from trainer.run.rundir import check_run_dir, prepare_run_dir, stop_requested
+from trainer.run.rundir import OwnedRun, own_run_dir
 
 SAMPLE_TEMPERATURES = (0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
-    """Train (or resume training) an NVAE; returns the path of the final checkpoint."""
-    # Launch.
+def train_nvae(cfg: NVAETrainingConfig, run_dir: Path, resume_from: Path | None = None) -> Path:
+    """Train (or resume training) an NVAE; returns the path of the final checkpoint. `resume_from`: a
+    checkpoint of this run to roll back to (later ones are dropped). Raises `TrainingDiverged`."""
     launch = make_accelerator(cfg.train, run_dir)
-    accelerator = launch.accelerator
-    run_dir = check_run_dir(run_dir, cfg)  # nothing is written until everything below has loaded
+    with own_run_dir(run_dir, cfg, launch.accelerator, kind="nvae", resume_from=resume_from) as run:
+        return _train_nvae(cfg, run, launch, resume_from)
+
+
+def _train_nvae(cfg: NVAETrainingConfig, run: OwnedRun, launch: Launch, resume_from: Path | None) -> Path:
+    # Launch.
+    accelerator, run_dir = launch.accelerator, run.path
 
     # Model, EMA, optimizer, data.
     seed_everything(cfg.train.seed)  # identical initial weights on every process
@@ -74,17 +83,22 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
                         rows=BatchRows.of(cfg.data, cfg.train.per_device_batch_size, accelerator),
                         alphas=kl_balance_alphas(net.groups_per_scale_decoder_order).to(accelerator.device),
                         reduce_mean=mean_across_processes(accelerator))  # KL balancing over the global batch
-    prepare_run_dir(run_dir, cfg, accelerator, kind="nvae")
+    run.prepare(cfg)  # everything that can fail at a start has loaded: now the run directory is written
 
-    # Resume.
-    step = 0
-    checkpoint_path = latest_checkpoint(run_dir)
+    # Resume: from the newest checkpoint that verifies (the main process checks; failing ones go aside).
+    step, notes = 0, []
+    detector = DivergenceDetector(patience=cfg.divergence.patience)
+    checkpoint_path = main_then_share(accelerator,
+                                      lambda: resume_from or select_resume_checkpoint(run_dir, notes.append))
     if checkpoint_path is not None:
-        step = restore(Checkpoint(checkpoint_path), model, ema, optimizer, launch, stream, cfg.train.seed)
+        step = restore(Checkpoint(checkpoint_path), model, ema, optimizer, launch, stream, cfg.train.seed,
+                       detector)
     else:
         seed_everything(process_seed(cfg.train.seed, accelerator.process_index))
     monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step, accelerator=accelerator,
                          project=cfg.train.tracker_project)
+    for note in notes:
+        monitor.log(note)
     fid = make_training_fid(cfg, fixed is not None, accelerator, monitor.log)
     precision = str(launch.autocast_dtype or accelerator.mixed_precision)
     precision += " (DeepSpeed ZeRO)" if launch.deepspeed else ""
@@ -94,11 +108,13 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
                 f"device {accelerator.device}, mixed precision {precision}")
     saver = CheckpointSaver(run_dir, rank=accelerator.process_index, world_size=accelerator.num_processes,
                             is_main=accelerator.is_main_process, barrier=accelerator.wait_for_everyone,
-                            keep=cfg.train.keep_checkpoints)
+                            keep=cfg.train.keep_checkpoints,
+                            any_failed=lambda flag: any_rank(accelerator, flag))
     batches = iter(stream)
     stop_step = min(cfg.train.max_steps, cfg.train.halt_at_step or cfg.train.max_steps)
     progress = Progress(cfg.train.max_steps, step, accelerator.is_main_process and cfg.train.progress_bar)
     last_saved = step if checkpoint_path is not None else -1
+    stop = None
 
     while step < stop_step:
         # Update.
@@ -107,13 +123,23 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
         step += 1
         progress.step_done(result.images)
 
+        # Divergence: non-finite loss or gradients (weights where a checkpoint is due), alike everywhere.
+        checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == stop_step
+        loss_bad, weights_bad = any_ranks(accelerator, [not math.isfinite(result.loss),
+                                                        checkpoint_due and not weights_finite(update)])
+        divergence = detector.check_finite(step, math.nan if loss_bad else result.loss, not result.skipped,
+                                           not weights_bad)
+
         # Report.
-        if step % cfg.train.log_every == 0 or step == stop_step:
+        if step % cfg.train.log_every == 0 or step == stop_step or divergence:
             row = log_row(result, progress, stream.skipped_samples, accelerator.device)
             monitor.stats(step, row, tb_tags={"data/skipped_samples": "data/skipped_samples",
                                               "img_per_s": "sys/img_per_s", "peak_mem_mb": "sys/peak_mem_mb"})
             monitor.scalars(step, per_group_scalars(result.output))
             progress.new_window(loss=f"{row['loss']:.4g}", img_s=f"{row['img_per_s']:.1f}")
+        if divergence:
+            progress.close()
+            stop_diverged(divergence, run_dir, accelerator, monitor.log)
 
         # Image grids and FID, on the EMA weights (collective: every process computes a share).
         if fixed and (step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)):
@@ -123,20 +149,29 @@ def train_nvae(cfg: NVAETrainingConfig, run_dir: Path) -> Path:
             samples = chain_sample_fn(vae, 0, 0.0, cfg.train.seed, accelerator.device)
             log_fid(monitor, step, fid.evaluate(samples))
 
-        # Checkpoint.
-        if step % cfg.train.checkpoint_every == 0 or step == stop_step:
-            save_checkpoint(saver, step, update, stream)
+        # Checkpoint (never inside a streak of bad steps: those may be the start of a divergence).
+        stop = run.stop_reason()  # STOP file or a stop signal: checkpoint now, exit cleanly, resume on re-run
+        if checkpoint_due and not detector.in_bad_streak:
+            save_checkpoint(saver, step, update, stream, detector)
             last_saved = step
-        if stop_requested(run_dir, accelerator):  # preemption: checkpoint now, exit cleanly, resume on re-run
-            monitor.log(f"stop requested ({run_dir / 'STOP'}) at step {step}")
+        if stop:
+            monitor.log(f"stop requested ({stop}) at step {step}")
             break
 
-    # Done.
-    if last_saved != step:
-        save_checkpoint(saver, step, update, stream)
+    # Done. A run never ends with non-finite weights: however short its bad streak, that is a divergence.
+    if last_saved != step and any_rank(accelerator, not weights_finite(update)):
+        progress.close()
+        weights = Divergence(step, step, "non-finite weights", math.nan)
+        divergence = detector.unfinished_streak(step) or weights
+        stop_diverged(divergence, run_dir, accelerator, monitor.log)
+    if last_saved != step and not detector.in_bad_streak:
+        save_checkpoint(saver, step, update, stream, detector)
     progress.close()
-    monitor.log(f"{'halted' if step < cfg.train.max_steps else 'finished'} at step {step}; checkpoint "
-                f"{latest_checkpoint(run_dir)}")
+    state = "stopped" if stop else "halted" if step < cfg.train.max_steps else "finished"
+    ended = "halted" if step < cfg.train.max_steps else "finished"
+    line = f"{ended} at step {step}; checkpoint {latest_checkpoint(run_dir)}"
+    monitor.log(line)
+    run.end(state, step, line)
     monitor.close()
     accelerator.end_training()
     return latest_checkpoint(run_dir)
@@ -237,12 +272,21 @@ def log_row(result: StepResult, progress: Progress, skipped_samples: int, device
 # Checkpoints.
 
 
-def save_checkpoint(saver: CheckpointSaver, step: int, update: NVAEUpdate, stream) -> None:
+def save_checkpoint(saver: CheckpointSaver, step: int, update: NVAEUpdate, stream,
+                    detector: DivergenceDetector | None = None) -> None:
     """Write checkpoint `step` of the training state `update` holds, collectively (every process calls it)."""
     launch = update.launch
-    saver.save(step, shared=shared_state(update.net, update.ema, update.optimizer, launch, step),
-               per_rank={"rng.pt": rng_state(), "data.json": stream.state_dict()},
+    shared = shared_state(update.net, update.ema, update.optimizer, launch, step)
+    if detector is not None:
+        shared["state.json"]["divergence"] = detector.state_dict()
+    saver.save(step, shared=shared, per_rank={"rng.pt": rng_state(), "data.json": stream.state_dict()},
                collective=deepspeed_save(update.model) if launch.deepspeed else None)
+
+
+def weights_finite(update: NVAEUpdate) -> bool:
+    """Whether the trained and the EMA weights are all finite (checked before a checkpoint is written)."""
+    net, ema = update.net.state_dict(), update.ema.state_dict()
+    return first_non_finite(net) is None and first_non_finite(ema) is None
 
 
 def shared_state(net, ema: EMA, optimizer, launch: Launch, step: int) -> dict:
@@ -258,24 +302,27 @@ def shared_state(net, ema: EMA, optimizer, launch: Launch, step: int) -> dict:
     return state
 
 
-def restore(checkpoint: Checkpoint, model, ema: EMA, optimizer, launch: Launch, stream, seed: int = 0) -> int:
+def restore(checkpoint: Checkpoint, model, ema: EMA, optimizer, launch: Launch, stream, seed: int = 0,
+            detector: DivergenceDetector | None = None) -> int:
     """Load everything a checkpoint holds; returns its step.
 
     An imported checkpoint (`scripts/import_official.py`) holds no per-process state: it resumes on any
     number of processes with a fresh data stream and per-process seeds from `seed`.
     """
     accelerator = launch.accelerator
-    check_resumable(checkpoint, launch)
+    check_resumable(checkpoint, launch, kind="nvae")
     net = launch.unwrap(model)
     if launch.deepspeed:
         # DeepSpeed reads its own shards (it unpickles them: resume only from runs you wrote).
         model.load_checkpoint(str(checkpoint.path / "deepspeed"), tag="state")
     else:
-        net.load_state_dict(checkpoint.tensors("model.safetensors"))
-        optimizer.load_state_dict(checkpoint.torch("optimizer.pt"))
-    ema.load_state_dict(checkpoint.tensors("ema.safetensors"))
+        checkpoint.load_into(net, "model.safetensors")
+        load_state(optimizer, checkpoint.torch("optimizer.pt"), checkpoint.path / "optimizer.pt")
+    checkpoint.load_into(ema.shadow, "ema.safetensors")
+    if detector is not None and "divergence" in checkpoint.state():
+        load_state(detector, checkpoint.state()["divergence"], checkpoint.path / "state.json")
     if accelerator.scaler is not None and checkpoint.has("scaler.pt"):
-        accelerator.scaler.load_state_dict(checkpoint.torch("scaler.pt"))
+        load_state(accelerator.scaler, checkpoint.torch("scaler.pt"), checkpoint.path / "scaler.pt")
     rank = accelerator.process_index
     restore_process_state(checkpoint, rank, stream, process_seed(seed, rank))
     return checkpoint.step

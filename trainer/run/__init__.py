@@ -1,2 +1,3 @@
-"""Run plumbing both loops share: the launch (Accelerator, seeds, streams), collective helpers, the run directory,
-checkpoints, monitoring, image grids, EMA, in-training FID and divergence detection."""
+"""Run plumbing both loops share: the launch (Accelerator, seeds, streams), collective helpers, the run directory
+and its lock, stop signals, checkpoints and their verification, monitoring, image grids, EMA, in-training FID and
+divergence detection."""

@@ -20,6 +20,44 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
+def any_ranks(accelerator: Accelerator, flags: Sequence[bool]) -> list[bool]:
+    """Flag i true on every process if it is true on any of them (one all-reduce for all flags)."""
+    if accelerator.num_processes == 1:
+        return [bool(flag) for flag in flags]
+    value = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=accelerator.device)
+    return [bool(v > 0) for v in accelerator.reduce(value, reduction="sum").tolist()]
+
+
+def broadcast_from_main(accelerator: Accelerator, value):
+    """The main process's `value` (any picklable object, e.g. a path or an error message) on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def main_then_share(accelerator: Accelerator, work: Callable[[], object]):
+    """Run `work()` on the main process only and return its result on every process. A `UserError` (or a full
+    device) raised there is raised on every process, so no process waits forever for a main that failed."""
+    from trainer.errors import UserError, no_space_path
+
+    outcome: tuple[str, object] = ("ok", None)
+    if accelerator.is_main_process:
+        try:
+            outcome = ("ok", work())
+        except UserError as err:
+            outcome = ("error", str(err))
+        except OSError as err:
+            if no_space_path(err) is None:
+                raise
+            outcome = ("error", f"no space left on the device writing {err.filename or 'the run directory'!r}")
+    status, value = broadcast_from_main(accelerator, outcome)
+    if status == "error":
+        raise UserError(value)
+    return value
+
+
 def mean_across_ranks(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
     """The same floats averaged over all processes (one all-reduce), so that every process sees the same
     numbers: decisions taken on them (e.g. divergence) agree, and logs show the global batch."""
