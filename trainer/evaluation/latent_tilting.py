@@ -139,8 +139,12 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             if value is not None and not 0 <= value <= 1:
                 raise UserError(f"--tail-fraction must be in [0, 1], got {value}")
             continue
+        if name in FLOATS:
+            if not value > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            continue
         least = 0 if name.endswith("sample_steps") else 1  # 0 Langevin steps at sampling: the VAE itself
-        if not value >= least or (name in FLOATS and not value > 0):
+        if value < least:
             raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     return settings
 
@@ -157,9 +161,10 @@ def run(args: argparse.Namespace, report) -> dict:
     per_seed = [evaluate_seed(seed, settings, toys, not args.skip_digits, models_dir, report,
                               judge_seed=args.seed) for seed in seeds]
     keys = [f"{name}_{key}" for name in toys for key in TOY_KEYS] + ([] if args.skip_digits else list(DIGIT_KEYS))
-    results: dict = {"quick": bool(args.quick), "datasets": ",".join(toys), "seeds": seeds}
+    results: dict = {"quick": bool(args.quick), "datasets": ",".join(toys)}
     applies = lambda key: (not args.skip_digits) if key.startswith("digits_") else bool(toys)
     results.update({key: value for key, value in asdict(settings).items() if applies(key)})
+    results["seeds"] = seeds  # the seeds themselves (settings.seeds counts them)
     results.update(summarize_seeds(per_seed, keys))
     if len(seeds) == 1:  # one seed: its per-point standard errors instead of errors across seeds
         results.update({key: value for key, value in per_seed[0].items() if key.endswith("_stderr")})
