@@ -138,6 +138,7 @@ def test_energy_training_keeps_its_statistics_resumes_exactly_and_samples(nvae_r
     assert same(checkpoints[0].tensors(BN_FILE), checkpoints[1].tensors(BN_FILE))
     for a, b in zip(*(load_file(str(c.path / "energy.safetensors")).items() for c in checkpoints)):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
-    run_script("export.py", str(straight), "--out", str(tmp_path / "bundle"), "--temperatures", "1.0", "--bn-passes", "2")
+    run_script("export.py", str(straight), "--out", str(tmp_path / "bundle"), "--temperatures", "1.0",
+               "--bn-passes", "2")
     run_script("sample.py", str(tmp_path / "bundle"), "--n", "4", "--out", str(tmp_path / "samples"), "--steps", "1")
     assert len(list((tmp_path / "samples").glob("*.png"))) == 4

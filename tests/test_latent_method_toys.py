@@ -126,10 +126,11 @@ def exact_tilt(energy) -> dict:
     tilt_ll = torch.logsumexp(log_tilt + log_px_y, 1) - torch.logsumexp(log_tilt, 0)
     vae_ll = torch.distributions.Normal(0.0, math.hypot(scale, noise)).log_prob(test).sum(1)
     near = near_modes(grid)
-    return {"vae": float(vae_ll.mean()), "tilt": float(tilt_ll.mean()), "true": float(mixture_log_prob(test, MODE_STD).mean()),
+    return {"vae": float(vae_ll.mean()), "tilt": float(tilt_ll.mean()),
+            "true": float(mixture_log_prob(test, MODE_STD).mean()),
             "tilt_near": float((torch.softmax(log_tilt, 0) * near).sum()),
-            "vae_near": float((torch.softmax(log_base, 0) * near).sum()), "log_z": float(torch.logsumexp(log_tilt, 0))
-            + math.log(area)}
+            "vae_near": float((torch.softmax(log_base, 0) * near).sum()),
+            "log_z": float(torch.logsumexp(log_tilt, 0)) + math.log(area)}
 
 
 def test_latent_tilting_moves_decoder_means_to_the_modes_its_exact_tilt_puts_them():
