@@ -80,8 +80,8 @@ class Settings:
 
 
 # Quick: one seed, the paper's ablation protocol (one energy per K), short trainings.
-QUICK = Settings(digits_nvae_steps=400, stacked_nvae_steps=400, joint_steps=100, hvae_steps=1000,
-                 hvae_joint_steps=100, samples=400, mode_samples=800, bn_passes=100, ablation="train", seeds=1)
+QUICK = Settings(digits_nvae_steps=400, stacked_nvae_steps=400, joint_steps=50, hvae_steps=1000,
+                 hvae_joint_steps=100, samples=300, mode_samples=800, bn_passes=100, ablation="train", seeds=1)
 # Full: the NVAE step counts of fd-digits and modes (FULL), so a shared --models-dir shares those NVAEs; energies
 # trained until their gap settles (see energy_gap_settled in the JSON); 3 seeds.
 FULL = Settings(digits_nvae_steps=3000, stacked_nvae_steps=4000, joint_steps=600, hvae_steps=3000,

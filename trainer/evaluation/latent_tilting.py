@@ -105,10 +105,10 @@ class Settings:
 
 # Full: the paper's toy protocol (App. B: 1,000 iterations × 60 Langevin steps, 100 at sampling), a VAE trained
 # longer than nvae/toy2d's 4,000 steps, 3 seeds. The digits tilt stays at 300 iterations (each costs 60 NVAE
-# decoder passes on CPU).
+# decoder passes on CPU). `base_log_mass_grid` ≈ 0 checks that the grid's cells resolve the VAE's density.
 FULL = Settings(vae_steps=12_000, ebm_steps=1_000, ebm_batch=256, ebm_langevin_steps=60, sample_steps=100,
-                tail_fraction=None, samples=20_000, test_points=10_000, iwae_samples=1_000, log_z_samples=1_000_000,
-                grid_step=0.025, grid_extent=3.5, grid_iwae_samples=100,
+                tail_fraction=None, samples=10_000, test_points=10_000, iwae_samples=500, log_z_samples=1_000_000,
+                grid_step=0.05, grid_extent=3.5, grid_iwae_samples=100,
                 digits_nvae_steps=3_000, digits_ebm_steps=300, digits_ebm_batch=32, digits_ebm_langevin_steps=60,
                 digits_samples=2_000, digits_sample_steps=100, bn_passes=500, seeds=3)
 QUICK = Settings(vae_steps=4_000, ebm_steps=200, ebm_batch=256, ebm_langevin_steps=20, sample_steps=100,
