@@ -90,7 +90,9 @@ def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_pas
     """The `models.BundleSampler` of a finished NVAE or VAEBM run (exported into the run on first use).
 
     `temperatures`: where the NVAE's BN statistics are readjusted (VAE-only sampling at such a
-    temperature uses them, as NVAE's own sampler does; Langevin always uses the trained statistics).
+    temperature uses them, as NVAE's own sampler does; Langevin always uses the statistics the energy trained
+    with, which an energy trained on readjusted statistics also brings as its temperature's: README, "BN
+    statistics of an energy").
     """
     import models
     from trainer.export import export_run
