@@ -11,7 +11,9 @@ into place):
     vae.safetensors        the VAE state dict (EMA or raw weights, as exported)
     energy.safetensors     the energy-network state dict (VAEBM bundles only)
     bn_stats.safetensors   NVAE only: BN running statistics readjusted at each exported temperature,
-                           keys 't0.70/<module path>.running_mean' (`NVAE.bn_cache_state`)
+                           keys 't0.70/<module path>.running_mean' (`NVAE.bn_cache_state`). An energy
+                           trained on readjusted statistics has them as the VAE's own (in vae.safetensors)
+                           and as its temperature's entry; `bn.energy_statistics` in bundle.json records it
 
 Loading imports only torch, safetensors and einops (through `models`): never the trainer, Accelerate,
 DeepSpeed, WebDataset, TensorBoard or torch-fidelity, and never unpickles. Nothing outside the bundle is

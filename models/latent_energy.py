@@ -5,11 +5,15 @@ In this project every energy is "low = likely", so the network returns
 
     E(z) = −Σ_l f_l(z_l) − f_joint(z)                              [B]
 
-Each latent group z_l is summarized into features h_l [B, hidden] — an MLP for vector latents [B, D],
-two 3×3 convs and spatial MEAN pooling for latent maps [B, C, h, w] (mean, not sum, so groups at
-different resolutions contribute on the same scale). The layer-wise term f_l is a linear head on h_l
-(contextual relations inside a layer); the joint term f_joint is an MLP on [h_1, …, h_L] (the coupling
-between layers). Plain layers: no weight norm, no data-dependent init, no spectral penalty.
+Each latent group z_l is summarized into features h_l [B, hidden]:
+- a latent map [B, C, h, w] keeps its spatial layout, as in the authors' public code (per-group energies of
+  strided 4×4 convolutions with LeakyReLU(0.2) down to 4×4, flattened, then linear layers): stride-2 convs
+  halve the side while it is above 4 (a group already at 4×4 or less gets one 3×3 conv), the map is flattened
+  and a linear layer gives h_l. Pooling would make the energy blind to where a latent unit sits in the map.
+- a latent vector [B, D] goes through an MLP.
+The layer-wise term f_l is a linear head on h_l (contextual relations inside a layer); the joint term f_joint is
+an MLP on [h_1, …, h_L] (the coupling between layers). Plain layers: no weight norm, no data-dependent init, no
+spectral penalty.
 """
 from __future__ import annotations
 
@@ -20,22 +24,37 @@ import torch.nn as nn
 
 from models.layers import Swish
 
+MAP_SIDE = 4        # latent maps are reduced to at most this side before they are flattened
+LEAKY_SLOPE = 0.2   # the authors' per-group energies use LeakyReLU(0.2)
+
+
+def _map_features(shape: Sequence[int], hidden: int) -> nn.Module:
+    """Strided convs down to at most MAP_SIDE×MAP_SIDE, flatten, linear: [B, C, h, w] → [B, hidden]."""
+    channels, height, width = shape
+    layers: list[nn.Module] = []
+    if max(height, width) <= MAP_SIDE:
+        layers += [nn.Conv2d(channels, hidden, 3, padding=1), nn.LeakyReLU(LEAKY_SLOPE)]
+    while max(height, width) > MAP_SIDE:
+        layers += [nn.Conv2d(channels, hidden, 4, stride=2, padding=1), nn.LeakyReLU(LEAKY_SLOPE)]
+        channels, height, width = hidden, height // 2, width // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(hidden * height * width, hidden), nn.LeakyReLU(LEAKY_SLOPE))
+
+
+def _vector_features(width: int, hidden: int, depth: int) -> nn.Module:
+    """depth × (Linear → Swish): [B, D] → [B, hidden]."""
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), Swish()]
+        width = hidden
+    return nn.Sequential(*layers)
+
 
 def _features(shape: Sequence[int], hidden: int, depth: int) -> nn.Module:
     """A feature extractor for one latent group of per-sample `shape` → [B, hidden]."""
     if len(shape) == 1:
-        layers: list[nn.Module] = []
-        width = shape[0]
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), Swish()]
-            width = hidden
-        return nn.Sequential(*layers)
+        return _vector_features(shape[0], hidden, depth)
     if len(shape) == 3:
-        return nn.Sequential(
-            nn.Conv2d(shape[0], hidden, 3, padding=1), Swish(),
-            nn.Conv2d(hidden, hidden, 3, padding=1), Swish(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
+        return _map_features(shape, hidden)
     raise ValueError(f"latent groups must be [D] or [C, h, w] per sample, got {tuple(shape)}")
 
 

@@ -16,9 +16,11 @@ depends only on (seed, i) and the chunk size, bit for bit, whatever the batch si
   clamp it to [−1, 1], encode it with the ORIGINAL statistics into (ε_z, ε_x) at the bundle's sampling
   temperature (the one the energy was trained at, normally 1), and run Langevin from there at that
   temperature.
-- BN statistics: Langevin always runs with the original statistics (the model the energy was trained
-  on). VAE-only sampling (steps = 0, prior init) at a temperature the bundle has readjusted statistics
-  for uses them, as NVAE's sampler does; otherwise the original ones.
+- BN statistics: Langevin always runs with the original statistics, the ones the energy was trained with
+  (an energy trained on statistics readjusted at t, `vae.bn_temperature`, has them as its bundle's original
+  and cached t statistics: README, "BN statistics of an energy"). VAE-only sampling (steps = 0, prior
+  init) at a temperature the bundle has readjusted statistics for uses them, as NVAE's sampler does;
+  otherwise the original ones.
 - The returned image is the decoder mean μ_x(z) of the final ε; `to_uint8` maps it to [0, 255] by
   clamping to [−1, 1] (the official script min–max rescaled every image on its own instead).
 """

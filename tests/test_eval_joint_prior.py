@@ -56,6 +56,13 @@ def test_joint_prior_end_to_end(tmp_path, cache_dir):
     for key in ("base_modes", "base_modes_train_bn", "joint_modes", "data_modes"):
         assert 1 <= data[key] <= 24
     assert data["samples"] == 24 and data["mode_samples"] == 24 and data["ablation"] == "train"
+    # The energies trained on the NVAE with BN statistics readjusted at t = 1, and their bases used those too: the
+    # NVAE as trained (the reference) is a different model.
+    assert data["joint_bn_statistics"].startswith("BN statistics readjusted at t=1 (2 passes")
+    assert data["stacked_joint_bn_statistics"] == data["joint_bn_statistics"]
+    assert data["base_fd_train_bn"] != data["base_fd"] and data["base_modes_train_bn"] >= 1
+    assert len(data["per_seed"]) == 1 and data["seeds"] == [0] and "base_fd_seed_stderr" not in data
+    assert data["per_seed"][0]["joint_energy_gap_curve"][-1][0] == 2  # [step, gap] of the last logged step
     # One energy per ablation K on each base (K = 2 is the preset's run, so it is not trained twice).
     names = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "run" / "models").iterdir() if p.name[0] != ".")
     assert names == ["digit-classifier-16", "digit-classifier-8", "nvae-digits16", "nvae-stacked-digits",

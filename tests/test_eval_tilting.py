@@ -83,25 +83,58 @@ def test_modes_covered_needs_a_share_of_the_samples():
     assert modes_covered(truth, points + 0.5, min_share=0.0) == 0  # halfway between modes: none is near
 
 
+def test_seed_summary_means_and_standard_errors():
+    from trainer.evaluation.toy_metrics import summarize_seeds
+
+    per_seed = [{"a": 1.0, "b": 5.0}, {"a": 2.0}, {"a": 6.0, "b": 7.0}]
+    summary = summarize_seeds(per_seed, ["a", "b", "missing"])
+    assert summary["a"] == pytest.approx(3.0) and summary["b"] == pytest.approx(6.0) and "missing" not in summary
+    assert summary["a_seed_stderr"] == pytest.approx(math.sqrt(7.0 / 3.0))  # std 2.6458 / √3
+    assert summary["b_seed_stderr"] == pytest.approx(1.0)
+    assert "a_seed_stderr" not in summarize_seeds(per_seed[:1], ["a"])  # one seed: no error across seeds
+
+
+def test_energy_gap_summary_tells_a_settled_gap_from_a_growing_one(tmp_path):
+    from trainer.evaluation.train_models import energy_gap_summary
+
+    def summary(gaps):
+        rows = [{"step": 10 * (i + 1), "energy_gap": gap} for i, gap in enumerate(gaps)]
+        (tmp_path / "stats.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+        return energy_gap_summary(tmp_path)
+
+    wiggle = [0.05 * (-1) ** i for i in range(100)]
+    settled = summary([2.0 * (1 - math.exp(-i / 10)) + w for i, w in enumerate(wiggle)])
+    growing = summary([0.05 * i + w for i, w in enumerate(wiggle)])
+    assert settled["energy_gap_settled"] == 1.0 and growing["energy_gap_settled"] == 0.0
+    assert settled["energy_gap_tail_mean"] == pytest.approx(2.0, abs=0.01)
+    assert growing["energy_gap_tail_slope"] == pytest.approx(0.5, abs=0.01)  # per 100 iterations
+    assert growing["energy_gap"] == pytest.approx(0.05 * 99 - 0.05) and len(growing["energy_gap_curve"]) == 50
+
+
 @pytest.mark.slow
 def test_latent_tilting_end_to_end(tmp_path):
     out, run_dir = tmp_path / "tilting.json", tmp_path / "run"
     run_script("evaluate.py", "latent-tilting", "--quick", "--skip-digits", "--out", str(out), "--run-dir", str(run_dir),
                "--vae-steps", "20", "--ebm-steps", "3", "--ebm-batch", "32", "--ebm-langevin-steps", "5",
                "--sample-steps", "5", "--samples", "300", "--test-points", "100", "--iwae-samples", "20",
-               "--log-z-samples", "2000")
+               "--log-z-samples", "2000", "--grid-step", "0.25", "--grid-iwae-samples", "10", "--seeds", "2")
     result = json.loads(out.read_text())
     for toy in ("gaussians", "swissroll"):
-        for key in ("true_hq_frac", "base_hq_frac", "tilted_hq_frac", "tilted_sir_hq_frac", "true_ll", "base_ll",
-                    "tilted_ll", "log_z", "log_z_stderr"):
-            value = result[f"{toy}_{key}"]
-            assert isinstance(value, float) and math.isfinite(value), (toy, key, value)
+        for key in ("true_hq_frac", "base_hq_frac", "tilted_hq_frac", "base_mean_hq_frac", "tilted_mean_hq_frac",
+                    "exact_tilt_hq_frac", "exact_tilt_mean_hq_frac", "true_ll", "base_ll", "tilted_ll", "tilted_ll_mc",
+                    "log_z", "log_z_grid", "log_z_ess"):
+            for name in (f"{toy}_{key}", f"{toy}_{key}_seed_stderr"):
+                assert isinstance(result[name], float) and math.isfinite(result[name]), (name, result[name])
         assert 0.97 < result[f"{toy}_true_hq_frac"] <= 1.0  # the truth is "high quality" by either definition
-        assert (run_dir / f"{toy}_samples_tilted.png").is_file()
-    for key in ("base_modes", "tilted_modes"):
-        assert 0 <= result[key] <= 25 and result[key] == result[f"gaussians_{key}"]
-    assert result["gaussians_true_modes"] == 25
+        assert abs(result[f"{toy}_base_log_mass_grid"]) < 0.05  # the grid holds the VAE's whole mass
+        assert (run_dir / f"{toy}_samples_tilted_mean.png").is_file()
+    for key in ("base_modes", "tilted_modes", "base_mean_hq_frac", "exact_tilt_hq_frac", "log_z_grid"):
+        assert result[key] == result[f"gaussians_{key}"]
+    assert 0 <= result["base_modes"] <= 25 and result["gaussians_true_modes"] == 25
     assert result["true_ll"] == result["gaussians_true_ll"] and result["base_ll"] < result["true_ll"]
+    assert result["seeds"] == [0, 1] and len(result["per_seed"]) == 2 and result["per_seed"][1]["seed"] == 1
+    assert result["gaussians_base_ll"] == pytest.approx(
+        sum(row["gaussians_base_ll"] for row in result["per_seed"]) / 2)
     assert result["ebm_steps"] == 3 and result["quick"] is True and "digits_base_fd" not in result
 
 

@@ -4,8 +4,10 @@
 
 Steps: find the checkpoint (newest, or `step`) → read the networks' configs and weights → for a VAEBM
 run, load the VAE the run was configured with (`vae.path` of its resolved config; the checkpoint it
-resolves to is recorded) → readjust the NVAE's generative-path BN statistics at every requested
-temperature (`NVAE.temperature_statistics`, 500 passes of batch 16 by default, as the official NVAE sampler) → write the
+resolves to is recorded; an energy trained on readjusted BN statistics brings them from its checkpoint:
+they become the bundle's original statistics and its cached ones for their temperature, `energy_statistics`)
+→ readjust the NVAE's generative-path BN statistics at every other requested temperature
+(`NVAE.temperature_statistics`, 500 passes of batch 16 by default, as the official NVAE sampler) → write the
 bundle atomically.
 
 Weights are read through `read_state_dict`, the one place that knows how a checkpoint stores a
@@ -27,7 +29,7 @@ from models.registry import build_vae
 from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.config.loader import from_dict, read_yaml
 from trainer.config.nvae import NVAETrainingConfig
-from trainer.ebm.sources import resolve_vae_checkpoint
+from trainer.ebm.sources import BN_FILE, resolve_vae_checkpoint
 from trainer.errors import UserError
 from trainer.run.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, verify_checkpoint, verify_file
 
@@ -168,6 +170,25 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def energy_statistics(source: RunSource, vae, log: Callable[[str], None]) -> dict | None:
+    """The BN statistics an energy run trained with, put into `vae` (README, "BN statistics of an energy"): an energy
+    trained on statistics readjusted at t (`vae.bn_temperature`) keeps them in its checkpoint; they become the
+    bundle's original statistics and its cached ones for t, so Langevin and the VAE-only samples at t use exactly
+    them. Returns the run's record of them (None for an NVAE run or a VAE without BN)."""
+    if source.kind != "vaebm" or not hasattr(vae, "adopt_bn_statistics"):
+        return None
+    state = source.checkpoint.json("state.json") if source.checkpoint.has("state.json") else {}
+    record = state.get("vae_bn", {"readjusted": False})
+    if record.get("readjusted"):
+        if not source.checkpoint.has(BN_FILE):
+            raise UserError(f"checkpoint '{source.checkpoint.path}' records readjusted BN statistics but has no "
+                            f"{BN_FILE}")
+        vae.adopt_bn_statistics(record["temperature"], read_state_dict(source.checkpoint, BN_FILE))
+        log(f"the energy was trained with BN statistics readjusted at t={record['temperature']:g}: they are the "
+            f"bundle's original statistics")
+    return record
+
+
 def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: str | None = None,
                temperatures: tuple[float, ...] | list[float] = DEFAULT_TEMPERATURES, bn_passes: int = 500,
                bn_batch_size: int = 16, seed: int = 0, device: torch.device | str = "cpu", overwrite: bool = False,
@@ -191,6 +212,7 @@ def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: st
         verify_file(source.vae_checkpoint, weight_file)  # an NVAE run's own checkpoint is verified whole above
         _load(vae, read_state_dict(source.vae_checkpoint, weight_file), str(source.vae_checkpoint.path / weight_file))
     vae = vae.to(device).eval().requires_grad_(False)
+    energy_bn = energy_statistics(source, vae, log)
     energy = None
     if source.kind == "vaebm":
         energy = build_energy(source.energy_config, vae.z_shapes)
@@ -204,6 +226,8 @@ def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: st
         # checkpoint's tensors exactly (the per-temperature cache is not part of the state dict).
         trained = {k: v.clone() for k, v in vae.state_dict().items()}
         for t in temperatures:
+            if t in vae.cached_temperatures():  # the energy's own (energy_statistics)
+                continue
             log(f"readjusting BN statistics at temperature {t:g} ({bn_passes} passes of batch {bn_batch_size}; "
                 f"fewer with --bn-passes for a quick export)")
             with vae.temperature_statistics(t, passes=bn_passes, batch_size=bn_batch_size, generator=generator,
@@ -221,10 +245,12 @@ def export_run(run_dir: Path, out: Path, *, step: int | None = None, weights: st
         "vae_run": str(Path(vae_run).resolve()), "vae_checkpoint": str(source.vae_checkpoint.path.resolve()),
         "vae_step": source.vae_checkpoint.step, "vae_weights": source.vae_weights,
     }
+    bn = {"passes": bn_passes, "batch_size": bn_batch_size, "seed": seed} if exported_temperatures else {}
+    if energy_bn is not None:  # which statistics the energy was trained with (the bundle's original ones)
+        bn["energy_statistics"] = energy_bn
     try:
         save_bundle(out, vae.cpu(), energy, source.energy_config if energy is not None else None,
-                    method=source.method, sampling=source.sampling, source=provenance,
-                    bn={"passes": bn_passes, "batch_size": bn_batch_size, "seed": seed} if exported_temperatures else None,
+                    method=source.method, sampling=source.sampling, source=provenance, bn=bn or None,
                     overwrite=overwrite)
     except BundleError as err:
         raise UserError(str(err)) from None

@@ -104,6 +104,13 @@ class BNStatisticsMixin:
         finally:
             self.load_bn_statistics(original)
 
+    def adopt_bn_statistics(self, temperature: float, stats: dict[str, torch.Tensor]) -> None:
+        """Make `stats` (from `bn_statistics`, readjusted at `temperature`) this model's statistics and its cached
+        ones for `temperature`: a model an energy was trained on with readjusted statistics samples with exactly
+        those, with Langevin or without."""
+        self.load_bn_statistics(stats)
+        self._bn_cache[temperature_key(temperature)] = {name: value.detach().clone() for name, value in stats.items()}
+
     def cached_temperatures(self) -> list[float]:
         """Temperatures whose re-adjusted statistics are cached."""
         return sorted(float(key[1:]) for key in self._bn_cache)

@@ -10,6 +10,7 @@ from trainer.config.common import MAX_COEFF, DataConfig, EvalConfig, TrainConfig
 
 LANGEVIN_AUTOCAST = ("no", "bf16")
 NEGATIVES = ("langevin", "resample")
+LATENT_METHODS = ("latent-tilting", "joint-prior")  # energies whose papers compare with the VAE's own sampler
 
 
 @dataclass
@@ -20,6 +21,17 @@ class VAERef:
     finetune: bool = False           # joint-prior only: also train the VAE under the energy prior (joint
                                      # fine-tuning of generator and inference network; default two-stage)
     finetune_lr: float = 1e-5        # Adam learning rate of the VAE when finetune is on
+    bn_temperature: float | str | None = "auto"  # NVAE: readjust the generative path's BN statistics at this
+                                     # temperature BEFORE energy training, and train, sample, export with them
+                                     # (README, "BN statistics of an energy"). null: the statistics as trained.
+                                     # auto: vae.temperature for latent-tilting and joint-prior on a frozen VAE
+                                     # (the base their papers compare with is NVAE's sampler, which readjusts),
+                                     # null for vaebm (the VAEBM paper trains on the NVAE as trained) and with
+                                     # finetune (the fine-tuned VAE's statistics move with its weights)
+    bn_passes: int = 500             # readjustment passes (NVAE's sampler: 500) ...
+    bn_batch_size: int = 16          # ... of this many samples (NVAE's sampler: 16) ...
+    bn_seed: int = 0                 # ... drawn from a generator with this seed (the run records a digest of the
+                                     # statistics and keeps them in every checkpoint: resume and export reuse them)
 
     def validate(self) -> None:
         if self.path is None:
@@ -30,6 +42,22 @@ class VAERef:
             raise ValueError(f"temperature must be in (0, 10], got {self.temperature}")
         if not 0 < self.finetune_lr <= 1:
             raise ValueError(f"finetune_lr must be in (0, 1], got {self.finetune_lr}")
+        if isinstance(self.bn_temperature, str) and self.bn_temperature != "auto":
+            raise ValueError(f"bn_temperature must be a number, auto or null, got '{self.bn_temperature}'")
+        if isinstance(self.bn_temperature, float) and not self.bn_temperature > 0:
+            raise ValueError(f"bn_temperature must be > 0, got {self.bn_temperature}")
+        if self.bn_passes < 1 or self.bn_batch_size < 1:
+            raise ValueError(f"bn_passes and bn_batch_size must be >= 1, got {self.bn_passes}, {self.bn_batch_size}")
+        if self.finetune and isinstance(self.bn_temperature, float):
+            raise ValueError("bn_temperature: a fine-tuned VAE trains its BN statistics with its weights; set "
+                             "vae.bn_temperature=null (or auto) with vae.finetune=true")
+
+    def bn_temperature_for(self, method: str) -> float | None:
+        """The temperature the frozen VAE's BN statistics are readjusted at before energy training (None: as
+        trained), with `auto` resolved for `method` (see `bn_temperature`)."""
+        if self.bn_temperature != "auto":
+            return self.bn_temperature
+        return self.temperature if method in LATENT_METHODS and not self.finetune else None
 
 
 @dataclass
@@ -66,6 +94,10 @@ class LangevinConfig:
                                      # resampling of `resample_pool` fresh VAE samples by exp(−E)), a reference
                                      # trainer for 2-D toys that shows what the objective reaches without a sampler
     resample_pool: int = 16384       # VAE samples per resampled batch (negatives: resample)
+    tail_fraction: float = 0.0       # share of each batch's fresh chains whose ε_z starts from N(0, tail_std² I), the
+                                     # prior's tails: negatives where chains from N(0, I) never go, so the energy
+                                     # cannot dig wells there (README, "Energy methods"); 0: every chain from N(0, I)
+    tail_std: float = 2.0            # initial std of those chains (test-time chains always start from N(0, I))
 
     def validate(self) -> None:
         if self.steps < 1 or self.sample_steps < 0:
@@ -76,6 +108,9 @@ class LangevinConfig:
             raise ValueError(f"resample_pool must be >= 1, got {self.resample_pool}")
         if not 0 < self.step_size <= 1:
             raise ValueError(f"step_size must be in (0, 1], got {self.step_size}")
+        if not 0.0 <= self.tail_fraction <= 1.0 or not self.tail_std > 0:
+            raise ValueError(f"tail_fraction must be in [0, 1] and tail_std > 0, got {self.tail_fraction}, "
+                             f"{self.tail_std}")
         if self.autocast not in LANGEVIN_AUTOCAST:
             raise ValueError(f"autocast must be one of {', '.join(LANGEVIN_AUTOCAST)}, got '{self.autocast}'")
 
@@ -130,6 +165,9 @@ class VAEBMTrainingConfig:
             raise ValueError(f"energy.layout must be one of {', '.join(sorted(LAYOUTS))}, got '{self.energy.layout}'")
         if self.data_init_batches < 1:
             raise ValueError("data_init_batches must be >= 1")
+        if self.langevin.tail_fraction and (self.replay.enabled or self.langevin.negatives != "langevin"):
+            raise ValueError("langevin.tail_fraction starts fresh Langevin chains from the prior's tails: it needs "
+                             "replay.enabled=false and langevin.negatives=langevin")
         if self.langevin.negatives == "resample" and not (self.data.is_toy and self.method == "vaebm"):
             raise ValueError("langevin.negatives=resample (exact negatives by importance resampling) is a reference "
                              "for VAEBM on 2-D toy data only: in images the pool it needs is astronomically large")

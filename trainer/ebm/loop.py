@@ -2,11 +2,11 @@
 latent-space methods (`method`: vaebm, latent-tilting, joint-prior; `models/adapters.py`; README,
 "Energy methods on the same machinery").
 
-Each iteration: initial noise (ε_z from the replay buffer with probability p, else fresh; ε_x always
-fresh where the method moves it) → K Langevin steps on U(ε) = E_ψ(part of T_θ(ε)) + ½‖ε‖²
-→ negatives (what the energy scores of the final ε) → loss mean E(+) − mean E(−) + α_s·Σσ
-+ α_r·(E(+)² + E(−)²) → element-wise clip → Adam step → push ε_z. Positives are data (VAEBM,
-tilting) or z ~ q(z|x) (joint prior).
+Each iteration: initial noise (ε_z from the replay buffer with probability p, else fresh, a share
+`langevin.tail_fraction` of it from the prior's tails; ε_x always fresh where the method moves it)
+→ K Langevin steps on U(ε) = E_ψ(part of T_θ(ε)) + ½‖ε‖² → negatives (what the energy scores of the
+final ε) → loss mean E(+) − mean E(−) + α_s·Σσ + α_r·(E(+)² + E(−)²) → element-wise clip → Adam step
+→ push ε_z. Positives are data (VAEBM, tilting) or z ~ q(z|x) (joint prior).
 
 Chains are independent across processes (their noise is seeded per (seed, rank, step)); the energy's
 gradients are all-reduced by DDP. With `data.split=global` every process draws the chains' noise for the
@@ -34,13 +34,13 @@ from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.ebm.finetune import GeneratorFinetuner
 from trainer.ebm.objective import clip_to_adam_rms, ebm_loss
 from trainer.ebm.replay import ReplayBuffer, replay_probability
-from trainer.ebm.sources import check_vae_fits_data, load_frozen_vae, pin_vae
+from trainer.ebm.sources import FrozenBN, check_vae_fits_data, frozen_bn, load_frozen_vae, pin_vae
 from trainer.errors import UserError
 from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save,
                                     first_non_finite, is_imported, latest_checkpoint, load_state,
                                     restore_process_state, rng_state, select_resume_checkpoint)
-from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, collective_rows, main_then_share,
-                                    mean_across_ranks, sliced_noise)
+from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, broadcast_from_main, collective_rows,
+                                    main_then_share, mean_across_ranks, sliced_noise)
 from trainer.run.divergence import Divergence, DivergenceDetector, stop_diverged
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
 from trainer.run.launch import (Launch, batch_inputs, compile_if_asked, make_accelerator, make_train_stream,
@@ -82,6 +82,10 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
     # The frozen VAE, the energy, its optimizer, the replay buffer, data.
     vae, _ = load_frozen_vae(vae_checkpoint, cfg.vae.weights, device)  # never wrapped or trained
     check_vae_fits_data(vae, cfg.data, cfg.vae.path)
+    # The BN statistics the energy trains with (README, "BN statistics of an energy"): readjusted once, or the
+    # ones the checkpoint being resumed kept, so the energy, its chains, grids, FID and export all share them.
+    bn = frozen_bn(vae, cfg, checkpoint_path, broadcast_from_main(accelerator),
+                   log=accelerator.print)
     seed_everything(cfg.train.seed)
     energy = build_energy(cfg.energy, vae.z_shapes)  # a latent energy scores z, not the noise
     betas = (cfg.optim.beta1, cfg.optim.beta2)
@@ -122,8 +126,8 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
     fid = make_training_fid(cfg, is_image_model(vae), accelerator, monitor.log)
     replay = f", replay buffer {buffer.nbytes / 2**20:.1f} MB per process" if buffer else ""
     monitor.log(f"{'resuming from step ' + str(step) if step else 'starting'} {cfg.method}: energy "
-                f"{parameter_count(net)}, VAE {vae_checkpoint}, {world} process(es), accumulation "
-                f"{launch.accumulation}, device {device}{replay}"
+                f"{parameter_count(net)}, VAE {vae_checkpoint} ({bn.describe()}), {world} process(es), "
+                f"accumulation {launch.accumulation}, device {device}{replay}"
                 f"{f', compiled ({cfg.train.compile_backend})' if cfg.train.compile else ''}")
     saver = CheckpointSaver(run_dir, rank=rank, world_size=world, is_main=accelerator.is_main_process,
                             barrier=accelerator.wait_for_everyone, keep=cfg.train.keep_checkpoints,
@@ -173,7 +177,7 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
         # Checkpoint (never inside a streak of bad steps: those may be the start of a divergence).
         stop = run.stop_reason()  # STOP file or a stop signal: checkpoint now, exit cleanly, resume on re-run
         if checkpoint_due and not detector.in_bad_streak:
-            save_checkpoint(saver, step, update, detector, stream, vae_pin)
+            save_checkpoint(saver, step, update, detector, stream, vae_pin, bn)
             last_saved = step
         if stop:
             monitor.log(f"stop requested ({stop}) at step {step}")
@@ -185,7 +189,7 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
         weights = Divergence(step, step, "non-finite weights", math.nan)
         stop_diverged(detector.unfinished_streak(step) or weights, run_dir, accelerator, monitor.log)
     if last_saved != step and not detector.in_bad_streak:
-        save_checkpoint(saver, step, update, detector, stream, vae_pin)
+        save_checkpoint(saver, step, update, detector, stream, vae_pin, bn)
     progress.close()
     ended = "halted" if step < cfg.train.max_steps else "finished"
     line = f"{ended} at step {step}; checkpoint {latest_checkpoint(run_dir)}"
@@ -306,11 +310,31 @@ def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: i
         noise = adapter.chain_noise(eps_z, generator)
     else:
         noise = [n[rows.start:rows.stop] for n in adapter.initial_noise(rows.total, generator, device)]
+        noise = start_in_the_tails(adapter, noise, rows, langevin_cfg.tail_fraction, langevin_cfg.tail_std)
     chains = langevin(noise, adapter, langevin_cfg.steps, langevin_cfg.step_size,
                       SlicedNoise(generator, rows), autocast_dtype=autocast_dtype)
     with torch.no_grad():
         negatives = adapter.negatives(chains.noise, use_mean=langevin_cfg.use_mu_cd)
     return chains, negatives
+
+
+def start_in_the_tails(adapter: NoiseEnergy, noise: list[torch.Tensor], rows: BatchRows, fraction: float,
+                       std: float) -> list[torch.Tensor]:
+    """Fresh chains whose global index is below `fraction`·rows.total start from N(0, std² I) in ε_z
+    (`langevin.tail_fraction`, `tail_std`); the others, ε_x and held noise are left as drawn.
+
+    Why: a short chain from N(0, I) moves ε by about √(Kη) (0.8 for 60 steps at 0.01), so negatives only
+    land near where the prior's bulk decodes; wherever else G(z) goes (the prior's tails) nothing raises
+    the energy, and it can dig wells there that the tilted model then weights heavily (the exact tilt,
+    log Z). Chains started in the tails put negatives there."""
+    tail = round(fraction * rows.total)
+    if tail == 0:
+        return noise
+    index = torch.arange(rows.start, rows.stop, device=noise[0].device)
+    scale = torch.where(index < tail, std, 1.0)
+    latent = len(adapter.latent_noise(noise))
+    return [n * scale.view(-1, *[1] * (n.dim() - 1)) if i < latent and i not in adapter.held_noise else n
+            for i, n in enumerate(noise)]
 
 
 @torch.no_grad()
@@ -349,15 +373,18 @@ def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | 
 
 
 def save_checkpoint(saver: CheckpointSaver, step: int, update: EnergyUpdate, detector: DivergenceDetector,
-                    stream, vae_pin: dict) -> None:
+                    stream, vae_pin: dict, bn: FrozenBN | None = None) -> None:
     """Write checkpoint `step` of the training state `update` holds, collectively (every process calls it).
-    `vae_pin`: the frozen VAE's checkpoint, weights and SHA-256 (`trainer/ebm/sources.py`), for state.json."""
+    `vae_pin`: the frozen VAE's checkpoint, weights and SHA-256 (`trainer/ebm/sources.py`), for state.json;
+    `bn`: the frozen VAE's BN statistics the energy trains with (kept when readjusted)."""
+    bn = bn or FrozenBN()
     per_rank = {"rng.pt": rng_state(), "data.json": stream.state_dict()}
     if update.buffer is not None:
         per_rank["replay.pt"] = update.buffer.state_dict()
     shared = {"energy.safetensors": update.net.state_dict(),
-              "state.json": {"step": step, "kind": "vaebm", **vae_pin,
-                             "divergence": detector.state_dict(), "deepspeed": update.launch.deepspeed}}
+              "state.json": {"step": step, "kind": "vaebm", **vae_pin, "vae_bn": bn.record,
+                             "divergence": detector.state_dict(), "deepspeed": update.launch.deepspeed},
+              **bn.checkpoint_files()}
     if not update.launch.deepspeed:
         shared["optimizer.pt"] = update.optimizer.state_dict()
     if update.launch.accelerator.scaler is not None:

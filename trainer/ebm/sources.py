@@ -1,7 +1,9 @@
 """Trained models read back from run directories: the frozen VAE of an energy run (from an NVAE run directory or
-one of its checkpoints, pinned by content for the energy run's whole life), and a trained energy network."""
+one of its checkpoints, pinned by content for the energy run's whole life) with the BN statistics its energy
+trains with, and a trained energy network."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -14,9 +16,11 @@ from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.config.loader import from_dict, read_yaml
 from trainer.config.nvae import NVAETrainingConfig
 from trainer.errors import UserError
-from trainer.run.checkpoint import Checkpoint, CorruptCheckpoint, latest_checkpoint, list_checkpoints, verify_file
+from trainer.run.checkpoint import (Checkpoint, CorruptCheckpoint, is_imported, latest_checkpoint, list_checkpoints,
+                                    verify_file)
 
 WEIGHTS = {"ema": "ema.safetensors", "raw": "model.safetensors"}
+BN_FILE = "vae_bn.safetensors"  # in an energy checkpoint: the frozen VAE's readjusted BN statistics
 
 
 def resolve_vae_checkpoint(path: str | Path) -> tuple[Path, Path]:
@@ -131,6 +135,81 @@ def load_frozen_vae(path: str | Path, weights: str = "ema", device: torch.device
         raise UserError(f"'{checkpoint_dir / name}' does not match the NVAE of '{config_path}': "
                         f"{str(err).splitlines()[0]}") from None
     return vae.to(device).eval().requires_grad_(False), checkpoint_dir
+
+
+@dataclass
+class FrozenBN:
+    """The BN statistics an energy is trained with (README, "BN statistics of an energy"): the NVAE's generative-
+    path statistics readjusted at `temperature` before training (`statistics`), or, with temperature None, the
+    statistics as trained (nothing to keep). `record` goes to state.json and bundle manifests."""
+
+    temperature: float | None = None
+    passes: int = 0
+    batch_size: int = 0
+    seed: int = 0
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def record(self) -> dict:
+        if self.temperature is None:
+            return {"readjusted": False}
+        return {"readjusted": True, "temperature": self.temperature, "passes": self.passes,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    def describe(self) -> str:
+        if self.temperature is None:
+            return "BN statistics as trained"
+        return (f"BN statistics readjusted at t={self.temperature:g} ({self.passes} passes of {self.batch_size}, "
+                f"seed {self.seed})")
+
+    def checkpoint_files(self) -> dict:
+        """What an energy checkpoint keeps of them: {BN_FILE: statistics}, or nothing."""
+        return {BN_FILE: self.statistics} if self.statistics else {}
+
+
+def frozen_bn(vae, cfg: VAEBMTrainingConfig, checkpoint_path: Path | None, broadcast=None, log=None) -> FrozenBN:
+    """Put the BN statistics the energy of `cfg` trains with into the frozen `vae` (in place) and return them.
+
+    Readjusted (`vae.bn_temperature_for(method)`, an NVAE only) once, before training, by `NVAE.readjust_bn` with a
+    generator seeded `vae.bn_seed`; a run resumed from `checkpoint_path` loads the ones its checkpoint kept
+    instead (and refuses a checkpoint trained with other statistics), so resume and export are exact.
+    `broadcast(tensors)`: the main process's copy on every process (None: one process).
+    """
+    temperature = cfg.vae.bn_temperature_for(cfg.method)
+    wanted = FrozenBN(temperature, cfg.vae.bn_passes, cfg.vae.bn_batch_size, cfg.vae.bn_seed) \
+        if temperature is not None and hasattr(vae, "readjust_bn") else FrozenBN()
+    checkpoint = Checkpoint(checkpoint_path) if checkpoint_path is not None else None
+    if checkpoint is not None and not is_imported(checkpoint):
+        recorded = checkpoint.json("state.json").get("vae_bn", {"readjusted": False})
+        if recorded != wanted.record:
+            raise UserError(f"checkpoint '{checkpoint.path}' was trained with {describe_bn(recorded)}, but the config "
+                            f"asks for {wanted.describe()} (vae.bn_temperature, vae.bn_passes, vae.bn_batch_size, "
+                            f"vae.bn_seed); resume with the same settings or use a new --run-dir")
+        if wanted.temperature is not None:
+            wanted.statistics = checkpoint.tensors(BN_FILE)
+            vae.load_bn_statistics(wanted.statistics)
+        return wanted
+    if wanted.temperature is None:
+        return wanted
+    if log is not None:
+        log(f"readjusting the VAE's BN statistics at t={temperature:g} ({wanted.passes} passes of "
+            f"{wanted.batch_size}) before energy training")
+    device = next(vae.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(wanted.seed)
+    vae.readjust_bn(temperature, passes=wanted.passes, batch_size=wanted.batch_size, generator=generator)
+    statistics = vae.bn_statistics()
+    if broadcast is not None:  # identical statistics on every process, whatever the device's arithmetic
+        statistics = broadcast(statistics)
+        vae.load_bn_statistics(statistics)
+    wanted.statistics = statistics
+    return wanted
+
+
+def describe_bn(record: dict) -> str:
+    """A run's `vae_bn` record (state.json) in words."""
+    if not record.get("readjusted"):
+        return "the BN statistics as trained"
+    return FrozenBN(record["temperature"], record["passes"], record["batch_size"], record["seed"]).describe()
 
 
 def check_vae_fits_data(vae, data, vae_path) -> None:

@@ -2,35 +2,45 @@
 
     python scripts/evaluate.py latent-tilting --quick --out tilting.json --run-dir runs/eval/tilting
 
-The tilted model is p(z) ∝ p(z)·exp(−E(G(z))), G the decoder mean, with x ~ p(x|z): method
-`latent-tilting` of the one EBM loop (`models/adapters.py`), Langevin in ε_z only. Per dataset:
+The tilted model is p(z) ∝ p(z)·exp(−E(G(z))), G the decoder mean, with x ~ p(x|z): method `latent-tilting` of
+the one EBM loop (`models/adapters.py`), Langevin in ε_z only. Per seed (full mode: 3 seeds, --seed, --seed+1,
+--seed+2; quick: 1), per dataset:
 
-1. 2-D toys (25-Gaussians, Swiss roll): the MLP VAE of preset nvae/toy2d, then the
-   tilt of preset vaebm/latent-tilting-toy2d (60 training Langevin steps at step size 0.01, energy
-   regularization 0.1, 1,000 iterations, 100 Langevin steps at sampling), both with `data.dataset` set
-   to the toy. Everything runs at temperature 1. Keys `<toy>_...`:
-   - hq_frac: share of samples near the truth: within 3 component std of a mode (25-Gaussians), within
+1. 2-D toys (25-Gaussians, Swiss roll): the MLP VAE of preset nvae/toy2d, then the tilt of preset
+   vaebm/latent-tilting-toy2d (the paper's App. B: 60 training Langevin steps at step size 0.01, 100 at
+   sampling, energy regularization 0.1, 1,000 iterations; Adam with its default betas and no clip, as the paper
+   names no other optimizer; a quarter of the training chains start from the prior's tails, `langevin.
+   tail_fraction`, which `--tail-fraction` sets for the toys' and the digits' tilt: 0 compares without),
+   both with `data.dataset` set to the toy. Everything runs at temperature 1. Keys `<toy>_...`:
+   - hq_frac: share of points near the truth: within 3 component std of a mode (25-Gaussians), within
      3 × the data noise (0.15) of the noiseless roll curve (Swiss roll). `true_` is the truth's own share.
-     Base and tilted samples come from the same chains (seed, i) of the exported bundle: the base at
-     0 Langevin steps, the tilted after the preset's sample_steps in ε_z; both are decoder SAMPLES
-     x = μ(z) + σ(z)·ε_x with ε_x fixed, i.e. draws of the densities whose likelihoods are reported.
-     `mean_hq_frac`: the same for the decoder means G(z) (what the energy was trained on);
-     `tilted_sir_hq_frac`: exact draws of the trained tilt by importance resampling of prior draws with
-     weights exp(−E(G(z))), free of the short Langevin chains' bias.
-   - modes (25-Gaussians only): modes holding ≥ 10% of their fair share N/25 of the high-quality samples.
-   - ll: test log-likelihood per point in nats on held-out points: true_ll exact (Swiss roll by
-     quadrature along the curve), base_ll by IWAE, tilted_ll = IWAE with the tilt in the weight − log Z,
-     log Z = log E_{p(z)}[exp(−E(G(z)))] by Monte Carlo (`tilting_metrics.py`), with standard errors.
-   The 25-Gaussians numbers are also given without prefix (base_hq_frac, tilted_modes, base_ll, ...).
+     The same chains (seed, i) of the exported bundle give the VAE (`base_`, 0 Langevin steps) and the tilt
+     (`tilted_`, the preset's sample_steps in ε_z), as decoder SAMPLES x = G(z) + σ(z)·ε_x with ε_x fixed
+     (draws of the densities whose likelihoods are reported) and as decoder MEANS G(z) (`base_mean_`,
+     `tilted_mean_`: what the energy scores and what the paper plots). `exact_tilt_` / `exact_tilt_mean_`:
+     exact draws of the trained tilt by importance resampling of --log-z-samples prior draws with weights
+     exp(−E(G(z))): the reference that shows what the objective reached, free of the short chains' bias.
+   - modes (25-Gaussians only): modes holding ≥ 10% of their fair share N/25 of the high-quality points.
+   - ll: test log-likelihood per point in nats on held-out points: true_ll exact (Swiss roll by quadrature
+     along the curve), base_ll by IWAE, tilted_ll = IWAE with the tilt in the weight − log Z with log Z
+     integrated on a grid in data space (`log_z_grid`: Z = ∫ h(x) dx, h(x) = ∫ p(z)·exp(−E(G(z)))·p(x|z) dz
+     by IWAE at every cell centre, midpoint rule; `base_log_mass_grid`, the VAE's own density integrated on
+     the same grid, should be ≈ 0), `tilted_ll_mc` the same with log Z = log E_{p(z)}[exp(−E(G(z)))]
+     by Monte Carlo (`log_z`, `log_z_stderr`, `log_z_ess`: the effective sample size of its weights, which a
+     deep well the prior rarely reaches makes tiny); `tilted_gain` = tilted_ll − base_ll point by point.
+   - energy_gap...: the tilt's training gap (`train_models.energy_gap_summary`).
+   The 25-Gaussians numbers are also given without prefix (base_hq_frac, tilted_mean_hq_frac, base_ll, ...).
 2. digits (16×16, `digits-train`): the NVAE of preset nvae/digits16, then vaebm/latent-tilting-digits grown
-   down to 16×16 (energy layout digits16). Digit-feature Fréchet distance to the held-out `digits-test`
-   (the `fd-digits` measure; decoder means) of NVAE samples (digits_base_fd: the same chains at 0 steps,
-   with the trained BN statistics the tilt runs with; digits_base_bn_readjusted_fd: NVAE's own sampler,
-   BN readjusted at temperature 1) and of the tilted NVAE (digits_tilted_fd). Lower is better.
+   down to 16×16 (energy layout digits16), trained on the NVAE with its BN statistics readjusted at t = 1
+   (`vae.bn_temperature: auto`; README, "BN statistics of an energy"). Digit-feature Fréchet distance to the
+   held-out `digits-test` (the `fd-digits` measure; decoder means): digits_base_fd (the same chains at 0
+   steps, decoded with the statistics the tilt trained with), digits_tilted_fd, and digits_base_fd_train_bn
+   (reference: the NVAE with its statistics as trained, the tilt's base only with vae.bn_temperature=null).
 
-Density images and sample grids go to --run-dir. `--quick` trains less and draws fewer samples (every
-setting is in the JSON, with `cpu_seconds`: on one thread about the wall time on an idle machine).
-With --run-dir (or --models-dir), re-running reuses the finished trainings there.
+The JSON holds the means over seeds with `<key>_seed_stderr` (standard error across seeds) when there are several,
+and `per_seed`, each seed's full results. Density images and sample grids (first seed) go to --run-dir. Every
+setting is in the JSON, with `cpu_seconds` (on one thread about the wall time on an idle machine). With --run-dir
+(or --models-dir), re-running reuses the finished trainings there.
 """
 from __future__ import annotations
 
@@ -46,49 +56,73 @@ from data.stream import derive_seed
 from data.toy2d import make_toy
 from trainer.errors import UserError
 from trainer.evaluation import tilting_metrics as tm
-from trainer.evaluation.toy_metrics import log_partition_from_base_samples, mean_and_stderr
+from trainer.evaluation.toy_metrics import (
+    log_integral_on_grid,
+    log_partition_from_base_samples,
+    mean_and_stderr,
+    square_grid,
+    summarize_seeds,
+)
 
 TOYS = {"gaussians": "25gaussians", "swissroll": "swissroll"}  # key prefix → data.dataset
 PLOT_EXTENT = {"gaussians": 3.0, "swissroll": 3.2}  # modes at −2 … 2; the roll reaches radius 2.83
-ALIASED = ("base_hq_frac", "tilted_hq_frac", "base_modes", "tilted_modes", "base_ll", "tilted_ll", "true_ll",
-           "log_z", "log_z_stderr")  # 25-Gaussians keys also reported without prefix (issue #6)
 DIGIT_SIZE = 16
+# Per-toy numbers averaged over seeds (with standard errors); the 25-Gaussians ones also without prefix.
+TOY_KEYS = ("true_hq_frac", "base_hq_frac", "tilted_hq_frac", "base_mean_hq_frac", "tilted_mean_hq_frac",
+            "exact_tilt_hq_frac", "exact_tilt_mean_hq_frac", "true_modes", "base_modes", "tilted_modes",
+            "base_mean_modes", "tilted_mean_modes", "exact_tilt_modes", "exact_tilt_mean_modes",
+            "true_ll", "base_ll", "tilted_ll", "tilted_ll_mc", "tilted_gain", "tilted_gain_mc",
+            "log_z", "log_z_ess", "log_z_grid", "base_log_mass_grid", "energy_gap", "energy_gap_tail_mean",
+            "energy_gap_tail_slope", "energy_gap_settled")
+DIGIT_KEYS = ("digits_base_fd", "digits_tilted_fd", "digits_base_fd_train_bn", "digits_train_fd",
+              "digits_energy_gap", "digits_energy_gap_tail_slope", "digits_energy_gap_settled")
 
 
 @dataclass
 class Settings:
-    vae_steps: int | None                   # MLP VAE training steps (None: nvae/toy2d's train.max_steps)
-    ebm_steps: int | None                   # tilt training iterations (None: the preset's 1,000)
-    ebm_batch: int | None                   # tilt batch size (None: the preset's 256)
-    ebm_langevin_steps: int | None          # Langevin steps per training iteration (None: the preset's 60)
-    sample_steps: int | None                # Langevin steps at sampling (None: the preset's 100)
+    vae_steps: int                          # MLP VAE training steps
+    ebm_steps: int                          # tilt training iterations
+    ebm_batch: int                          # tilt batch size
+    ebm_langevin_steps: int                 # Langevin steps per training iteration
+    sample_steps: int                       # Langevin steps at sampling
+    tail_fraction: float | None             # share of training chains from the prior's tails (None: the preset's)
     samples: int                            # toy samples per model (hq, modes, density images)
     test_points: int                        # held-out toy points for the log-likelihoods
     iwae_samples: int                       # posterior draws per test point
-    log_z_samples: int                      # prior draws for log Z (and the resampled tilt)
+    log_z_samples: int                      # prior draws for the Monte Carlo log Z and the resampled (exact) tilt
+    grid_step: float                        # cell side of the data-space grid of log_z_grid
+    grid_extent: float                      # the grid covers [−extent, extent]²
+    grid_iwae_samples: int                  # posterior draws per grid cell
     digits_nvae_steps: int                  # NVAE (nvae/digits16) training steps
     digits_ebm_steps: int                   # tilt training iterations on the NVAE
-    digits_ebm_batch: int | None            # (None: the preset's 32)
-    digits_ebm_langevin_steps: int | None   # (None: the preset's 60)
+    digits_ebm_batch: int
+    digits_ebm_langevin_steps: int
     digits_samples: int                     # samples per model for the Fréchet distance
-    digits_sample_steps: int | None         # (None: the preset's 100)
+    digits_sample_steps: int
+    bn_passes: int                          # BN readjustment passes of the digits tilt (its vae.bn_passes)
+    seeds: int                              # seeds --seed, --seed+1, ... (each trains its own models)
 
 
-# The toy VAE: nvae/toy2d (whose optimizer settings keep the decoder mean from collapsing: see the preset;
-# a collapsed G(z) leaves a tilt nothing to move), with more steps in full mode.
-FULL = Settings(vae_steps=12_000, ebm_steps=None, ebm_batch=None, ebm_langevin_steps=None, sample_steps=None,
-                samples=20_000, test_points=10_000, iwae_samples=1_000, log_z_samples=1_000_000,
-                digits_nvae_steps=3_000, digits_ebm_steps=300, digits_ebm_batch=None, digits_ebm_langevin_steps=None,
-                digits_samples=2_000, digits_sample_steps=None)
-QUICK = Settings(vae_steps=4_000, ebm_steps=200, ebm_batch=None, ebm_langevin_steps=20, sample_steps=None,
-                 samples=3_000, test_points=2_000, iwae_samples=200, log_z_samples=200_000,
+# Full: the paper's toy protocol (App. B: 1,000 iterations × 60 Langevin steps, 100 at sampling), a VAE trained
+# longer than nvae/toy2d's 4,000 steps, 3 seeds. The digits tilt stays at 300 iterations (each costs 60 NVAE
+# decoder passes on CPU). `base_log_mass_grid` ≈ 0 checks that the grid's cells resolve the VAE's density.
+FULL = Settings(vae_steps=12_000, ebm_steps=1_000, ebm_batch=256, ebm_langevin_steps=60, sample_steps=100,
+                tail_fraction=None, samples=10_000, test_points=10_000, iwae_samples=500, log_z_samples=1_000_000,
+                grid_step=0.05, grid_extent=3.5, grid_iwae_samples=100,
+                digits_nvae_steps=3_000, digits_ebm_steps=300, digits_ebm_batch=32, digits_ebm_langevin_steps=60,
+                digits_samples=2_000, digits_sample_steps=100, bn_passes=500, seeds=3)
+QUICK = Settings(vae_steps=4_000, ebm_steps=200, ebm_batch=256, ebm_langevin_steps=20, sample_steps=100,
+                 tail_fraction=None, samples=3_000, test_points=2_000, iwae_samples=200, log_z_samples=200_000,
+                 grid_step=0.05, grid_extent=3.5, grid_iwae_samples=50,
                  digits_nvae_steps=300, digits_ebm_steps=25, digits_ebm_batch=16, digits_ebm_langevin_steps=20,
-                 digits_samples=256, digits_sample_steps=50)
+                 digits_samples=256, digits_sample_steps=50, bn_passes=100, seeds=1)
+FLOATS = ("tail_fraction", "grid_step", "grid_extent")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for item in fields(Settings):
-        parser.add_argument("--" + item.name.replace("_", "-"), type=int, default=None,
+        parser.add_argument("--" + item.name.replace("_", "-"), type=float if item.name in FLOATS else int,
+                            default=None,
                             help=f"{item.name} (default: {getattr(FULL, item.name)} full, {getattr(QUICK, item.name)} quick)")
     parser.add_argument("--datasets", default="gaussians,swissroll",
                         help="comma-separated toys to run, from: gaussians, swissroll (default: both)")
@@ -101,8 +135,16 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     settings = replace(QUICK if args.quick else FULL,
                        **{f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None})
     for name, value in asdict(settings).items():
+        if name == "tail_fraction":
+            if value is not None and not 0 <= value <= 1:
+                raise UserError(f"--tail-fraction must be in [0, 1], got {value}")
+            continue
+        if name in FLOATS:
+            if not value > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            continue
         least = 0 if name.endswith("sample_steps") else 1  # 0 Langevin steps at sampling: the VAE itself
-        if value is not None and value < least:
+        if value < least:
             raise UserError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     return settings
 
@@ -115,29 +157,49 @@ def run(args: argparse.Namespace, report) -> dict:
         raise UserError(f"--datasets: unknown toy {unknown[0]!r}; choose from {', '.join(TOYS)}")
     models_dir = args.models_dir or report.work_dir("models")
     cpu_started = _cpu_seconds()
+    seeds = [args.seed + k for k in range(settings.seeds)]
+    per_seed = [evaluate_seed(seed, settings, toys, not args.skip_digits, models_dir, report,
+                              judge_seed=args.seed) for seed in seeds]
+    keys = [f"{name}_{key}" for name in toys for key in TOY_KEYS] + ([] if args.skip_digits else list(DIGIT_KEYS))
+    results: dict = {"quick": bool(args.quick), "datasets": ",".join(toys)}
     applies = lambda key: (not args.skip_digits) if key.startswith("digits_") else bool(toys)
-    recorded = {key: value for key, value in asdict(settings).items() if value is not None and applies(key)}
-    results: dict = {"quick": bool(args.quick), "datasets": ",".join(toys), **recorded}
+    results.update({key: value for key, value in asdict(settings).items() if applies(key)})
+    results["seeds"] = seeds  # the seeds themselves (settings.seeds counts them)
+    results.update(summarize_seeds(per_seed, keys))
+    if len(seeds) == 1:  # one seed: its per-point standard errors instead of errors across seeds
+        results.update({key: value for key, value in per_seed[0].items() if key.endswith("_stderr")})
+    if "gaussians" in toys:  # the 25-Gaussians numbers also without prefix (issue #6), with their errors
+        results.update({key[len("gaussians_"):]: value for key, value in list(results.items())
+                        if key.startswith("gaussians_")})
+    results.update(cpu_seconds=round(_cpu_seconds() - cpu_started, 1), per_seed=per_seed)
 
     for name in toys:
-        toy = toy_experiment(name, settings, args.seed, models_dir, report)
-        results.update({f"{name}_{key}": value for key, value in toy.items()})
-        if name == "gaussians":
-            results.update({key: toy[key] for key in ALIASED})
-    if not args.skip_digits:
-        results.update(digits_experiment(settings, args.seed, models_dir, report))
-    results["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 1)
-
-    for name in toys:
-        verdict = lambda key: "beats" if results[f"{name}_tilted_{key}"] > results[f"{name}_base_{key}"] else "does NOT beat"
-        modes = f", modes {results['base_modes']} -> {results['tilted_modes']}" if name == "gaussians" else ""
-        report.log(f"{name}: hq {results[f'{name}_base_hq_frac']:.3f} -> {results[f'{name}_tilted_hq_frac']:.3f} "
-                   f"(tilt {verdict('hq_frac')} its VAE){modes}, ll {results[f'{name}_base_ll']:.3f} -> "
-                   f"{results[f'{name}_tilted_ll']:.3f} (tilt {verdict('ll')} its VAE), true {results[f'{name}_true_ll']:.3f}")
+        get = lambda key: results[f"{name}_{key}"]
+        verdict = lambda a, b: "beats" if get(b) > get(a) else "does NOT beat"
+        report.log(f"{name}, {len(seeds)} seed(s): decoder means near the truth {get('base_mean_hq_frac'):.3f} -> "
+                   f"{get('tilted_mean_hq_frac'):.3f} (exact tilt {get('exact_tilt_mean_hq_frac'):.3f}), samples "
+                   f"{get('base_hq_frac'):.3f} -> {get('tilted_hq_frac'):.3f}; test LL {get('base_ll'):.3f} -> "
+                   f"{get('tilted_ll'):.3f} (tilt {verdict('base_ll', 'tilted_ll')} its VAE; grid log Z "
+                   f"{get('log_z_grid'):.3f}, Monte Carlo {get('log_z'):.3f} with ESS {get('log_z_ess'):.0f}), "
+                   f"true {get('true_ll'):.3f}")
     if not args.skip_digits:
         better = results["digits_tilted_fd"] < results["digits_base_fd"]
         report.log(f"digits: FD {results['digits_base_fd']:.2f} -> {results['digits_tilted_fd']:.2f} "
-                   f"(tilt {'beats' if better else 'does NOT beat'} its NVAE)")
+                   f"(tilt {'beats' if better else 'does NOT beat'} its NVAE with the same BN statistics)")
+    return results
+
+
+def evaluate_seed(seed: int, settings: Settings, toys: list[str], digits: bool, models_dir: Path, report,
+                  judge_seed: int) -> dict:
+    """Every toy (and digits) with the models of one seed; figures for the first seed (`judge_seed`, also the
+    seed of the digit classifier every seed is judged by)."""
+    results: dict = {"seed": seed}
+    figures = seed == judge_seed
+    for name in toys:
+        toy = toy_experiment(name, settings, seed, models_dir, report, figures)
+        results.update({f"{name}_{key}": value for key, value in toy.items()})
+    if digits:
+        results.update(digits_experiment(settings, seed, models_dir, report, figures, judge_seed))
     return results
 
 
@@ -152,78 +214,91 @@ def _cpu_seconds() -> float:
 # 2-D toys.
 
 
-def _toy_overrides(name: str, seed: int, steps: int | None, batch: int | None = None,
-                   langevin_steps: int | None = None) -> list[str]:
-    overrides = [f"train.seed={seed}", f"data.dataset={TOYS[name]}"]
-    overrides += [f"train.max_steps={steps}"] if steps is not None else []
-    overrides += [f"train.global_batch_size={batch}", f"train.per_device_batch_size={batch}"] if batch else []
-    return overrides + ([f"langevin.steps={langevin_steps}"] if langevin_steps else [])
+def _tilt_overrides(settings: Settings, steps: int, batch: int, langevin_steps: int) -> list[str]:
+    """The tilt's training settings (the sampling steps are the experiment's, not the run's)."""
+    overrides = [f"train.max_steps={steps}", f"train.global_batch_size={batch}", f"train.per_device_batch_size={batch}",
+                 f"langevin.steps={langevin_steps}"]
+    return overrides + ([] if settings.tail_fraction is None else [f"langevin.tail_fraction={settings.tail_fraction}"])
 
 
-def toy_experiment(name: str, settings: Settings, seed: int, models_dir: Path, report) -> dict:
+def toy_experiment(name: str, settings: Settings, seed: int, models_dir: Path, report, figures: bool) -> dict:
     """Train the VAE and its tilt on one toy, then sample quality and log-likelihoods (keys unprefixed)."""
-    from trainer.evaluation.train_models import sampler_for, train_nvae_run, train_vaebm_run
+    from trainer.evaluation.train_models import energy_gap_summary, sampler_for, train_nvae_run, train_vaebm_run
 
+    common = [f"train.seed={seed}", f"data.dataset={TOYS[name]}"]
     started = time.perf_counter()
-    vae_run = train_nvae_run("toy2d", _toy_overrides(name, seed, settings.vae_steps), models_dir, report.log)
+    vae_run = train_nvae_run("toy2d", [*common, f"train.max_steps={settings.vae_steps}"], models_dir, report.log)
     middle = time.perf_counter()
-    tilt_run = train_vaebm_run("latent-tilting-toy2d", vae_run,
-                               _toy_overrides(name, seed, settings.ebm_steps, settings.ebm_batch,
-                                              settings.ebm_langevin_steps), models_dir, report.log)
+    tilt = _tilt_overrides(settings, settings.ebm_steps, settings.ebm_batch, settings.ebm_langevin_steps)
+    tilt_run = train_vaebm_run("latent-tilting-toy2d", vae_run, [*common, *tilt], models_dir, report.log)
     trained = time.perf_counter()
     results = {"vae_train_seconds": round(middle - started, 1), "ebm_train_seconds": round(trained - middle, 1)}
+    results.update({key: value for key, value in energy_gap_summary(tilt_run).items() if key != "energy_gap_curve"})
 
     sampler = sampler_for(tilt_run, temperatures=(), log=report.log)
     truth = make_toy(TOYS[name])
     generator = torch.Generator().manual_seed(derive_seed(seed, "latent-tilting", name))
-    report.log(f"{name}: log Z over {settings.log_z_samples} prior draws")
+    report.log(f"seed {seed} {name}: log Z over {settings.log_z_samples} prior draws")
     eps_z, prior_energy = tm.prior_energies(sampler.vae, sampler.energy_net, settings.log_z_samples, generator)
     log_z = log_partition_from_base_samples(prior_energy)
     results.update(log_z=log_z.value, log_z_stderr=log_z.stderr, log_z_ess=log_z.ess)
-    results.update(sample_quality(name, truth, sampler, eps_z, prior_energy, settings, seed, generator, report))
+    results.update(sample_quality(name, truth, sampler, eps_z, prior_energy, settings, seed, generator, report,
+                                  figures))
     results.update(log_likelihoods(name, truth, sampler, log_z, settings, seed, generator, report))
     results["eval_seconds"] = round(time.perf_counter() - trained, 1)
     return results
 
 
 def sample_quality(name: str, truth, sampler, eps_z: torch.Tensor, prior_energy: torch.Tensor, settings: Settings,
-                   seed: int, generator: torch.Generator, report) -> dict:
-    """hq fractions (and modes) of the truth, the VAE, the tilt by Langevin and the tilt by resampling.
+                   seed: int, generator: torch.Generator, report, figures: bool) -> dict:
+    """hq fractions (and modes) of the truth, the VAE, the tilt by Langevin and the tilt by resampling, on decoder
+    samples and decoder means.
 
     eps_z [M, L], prior_energy [M]: prior draws and their energies E(G(z)), resampled with weights exp(−E).
     """
-    steps = sampler.defaults["steps"] if settings.sample_steps is None else settings.sample_steps
-    report.log(f"{name}: {settings.samples} chains x {steps} Langevin steps")
+    steps = settings.sample_steps
+    report.log(f"seed {seed} {name}: {settings.samples} chains x {steps} Langevin steps")
     samples = {"true": truth.sample(settings.samples, generator),
                **draw_chains(sampler, settings.samples, steps, derive_seed(seed, "latent-tilting-chains", name))}
     chosen = torch.multinomial(torch.softmax(-prior_energy.double(), 0), settings.samples, True, generator=generator)
     eps_x = torch.randn((settings.samples, *sampler.vae.image_shape), generator=generator)
     with torch.no_grad():
-        samples["tilted_sir"] = sampler.vae.decode([eps_z[chosen]], eps_x).x_sample
+        exact = sampler.vae.decode([eps_z[chosen]], eps_x)
+    samples.update(exact_tilt=exact.x_sample, exact_tilt_mean=exact.x_mean)
     quality = hq_measure(name, truth)
     results = {"sample_steps": int(steps)}
     for key, points in samples.items():
         results[f"{key}_hq_frac"] = quality(points)
         if name == "gaussians":
             results[f"{key}_modes"] = tm.modes_covered(truth, points)
-        if not key.endswith("_mean"):
+        if figures:
             report.scatter(f"{name}/samples_{key}", points, PLOT_EXTENT[name])
     return results
 
 
 def log_likelihoods(name: str, truth, sampler, log_z, settings: Settings, seed: int, generator: torch.Generator,
                     report) -> dict:
-    """Mean test log-likelihoods (nats per point) of the truth, the VAE and the tilt, with standard errors."""
+    """Mean test log-likelihoods (nats per point) of the truth, the VAE and the tilt, with standard errors; the
+    tilt normalized by log Z on a data-space grid (and, `_mc`, by the Monte Carlo log Z)."""
     test = truth.sample(settings.test_points, torch.Generator().manual_seed(derive_seed(seed, "latent-tilting-test", name)))
-    report.log(f"{name}: IWAE on {settings.test_points} test points x {settings.iwae_samples} posterior draws")
+    report.log(f"seed {seed} {name}: IWAE on {settings.test_points} test points x {settings.iwae_samples} "
+               f"posterior draws")
     log_p_base, log_p_tilt = tm.tilted_iwae(sampler.vae, sampler.energy_net, test, settings.iwae_samples, generator)
-    log_p_tilt = log_p_tilt - log_z.value
+    grid, cell_area = square_grid(settings.grid_extent, settings.grid_step)
+    report.log(f"seed {seed} {name}: log Z on a grid of {len(grid)} cells x {settings.grid_iwae_samples} "
+               f"posterior draws")
+    grid_base, grid_tilt = tm.tilted_iwae(sampler.vae, sampler.energy_net, grid, settings.grid_iwae_samples, generator)
+    log_z_grid = log_integral_on_grid(grid_tilt, cell_area)
     log_p_true = truth.log_prob(test.double()) if name == "gaussians" else tm.swiss_roll_log_prob(test, truth.noise)
-    results = {}
-    for key, values in (("true_ll", log_p_true), ("base_ll", log_p_base), ("tilted_ll", log_p_tilt),
-                        ("tilted_gain", log_p_tilt - log_p_base)):  # the gain point by point: free of the test-set noise
+    results = {"log_z_grid": log_z_grid, "base_log_mass_grid": log_integral_on_grid(grid_base, cell_area),
+               "grid_cells": len(grid)}
+    for key, values in (("true_ll", log_p_true), ("base_ll", log_p_base), ("tilted_ll", log_p_tilt - log_z_grid),
+                        ("tilted_ll_mc", log_p_tilt - log_z.value),
+                        # the gain point by point: free of the test set's noise
+                        ("tilted_gain", log_p_tilt - log_z_grid - log_p_base),
+                        ("tilted_gain_mc", log_p_tilt - log_z.value - log_p_base)):
         results[key], results[f"{key}_stderr"] = mean_and_stderr(values)
-    results["tilted_gain_stderr"] = (results["tilted_gain_stderr"] ** 2 + log_z.stderr ** 2) ** 0.5
+    results["tilted_gain_mc_stderr"] = (results["tilted_gain_mc_stderr"] ** 2 + log_z.stderr ** 2) ** 0.5
     return results
 
 
@@ -240,7 +315,7 @@ def draw_chains(sampler, n: int, steps: int, seed: int, block: int = 2_000) -> d
 
 
 def hq_measure(name: str, truth):
-    """points [N, 2] → the share of "high-quality" samples (see the module docstring)."""
+    """points [N, 2] → the share of "high-quality" points (see the module docstring)."""
     if name == "gaussians":
         from trainer.evaluation.toy_likelihood import near_mode_fraction
 
@@ -253,33 +328,39 @@ def hq_measure(name: str, truth):
 # Digits.
 
 
-def digits_experiment(settings: Settings, seed: int, models_dir: Path, report) -> dict:
+def digits_experiment(settings: Settings, seed: int, models_dir: Path, report, figures: bool,
+                      judge_seed: int) -> dict:
     """NVAE vs tilted NVAE on 16×16 digits: digit-feature Fréchet distance to the held-out digits."""
     from data.bundled import load_digits_split
     from trainer.evaluation.digit_classifier import load_or_train_classifier
-    from trainer.evaluation.train_models import sampler_for
+    from trainer.evaluation.train_models import energy_gap_summary, sampler_for, trained_bn_statistics
     from trainer.metrics.frechet import frechet_distance
 
     nvae_run, tilt_run, results = train_digit_models(settings, seed, models_dir, report)
     trained = time.perf_counter()
-    judge = load_or_train_classifier(DIGIT_SIZE, seed, models_dir, log=report.log)
-    n, sample_seed = settings.digits_samples, derive_seed(seed, "latent-tilting-digits")
-    sampler = sampler_for(tilt_run, temperatures=(), log=report.log)  # the trained BN statistics, as Langevin uses
-    steps = sampler.defaults["steps"] if settings.digits_sample_steps is None else settings.digits_sample_steps
-    report.log(f"digits: {n} NVAE samples, and the same chains after {steps} Langevin steps in ε_z")
-    nvae_sampler = sampler_for(nvae_run, temperatures=(1.0,), log=report.log)  # BN readjusted, as NVAE samples
+    judge = load_or_train_classifier(DIGIT_SIZE, judge_seed, models_dir, log=report.log)  # one judge for all seeds
+    n, steps = settings.digits_samples, settings.digits_sample_steps
+    sample_seed = derive_seed(seed, "latent-tilting-digits")
+    # The tilt's bundle carries the BN statistics it trained with: base (0 steps) and tilt decode with the same ones.
+    sampler = sampler_for(tilt_run, temperatures=(), log=report.log)
+    report.log(f"seed {seed} digits: {n} NVAE samples, and the same chains after {steps} Langevin steps in ε_z")
+    nvae = sampler_for(nvae_run, temperatures=(), log=report.log)  # reference: the statistics as trained
     images = {"base": sampler.sample(n, steps=0, seed=sample_seed),
               "tilted": sampler.sample(n, steps=steps, seed=sample_seed),
-              "base_bn_readjusted": nvae_sampler.sample(n, steps=0, seed=sample_seed)}
+              "base_train_bn": nvae.sample(n, steps=0, seed=sample_seed)}
 
     as_nchw = lambda array: torch.from_numpy(array).permute(0, 3, 1, 2)
     reference = judge.features(as_nchw(load_digits_split("test", DIGIT_SIZE)[0]))
     training = judge.features(as_nchw(load_digits_split("train", DIGIT_SIZE)[0]))
     for key, batch in images.items():
-        results[f"digits_{key}_fd"] = frechet_distance(reference, judge.features(batch))
-        report.image(f"digits/samples_{key}", batch[:64], value_range=(0, 255))
+        results["digits_base_fd_train_bn" if key == "base_train_bn" else f"digits_{key}_fd"] = \
+            frechet_distance(reference, judge.features(batch))
+        if figures:
+            report.image(f"digits/samples_{key}", batch[:64], value_range=(0, 255))
+    gap = energy_gap_summary(tilt_run)
+    results.update({f"digits_{key}": value for key, value in gap.items() if key != "energy_gap_curve"})
     results.update(digits_train_fd=frechet_distance(reference, training), digits_classifier_acc=judge.accuracy,
-                   digits_image_size=DIGIT_SIZE, digits_sample_steps=int(steps),
+                   digits_image_size=DIGIT_SIZE, digits_bn_statistics=trained_bn_statistics(tilt_run),
                    digits_eval_seconds=round(time.perf_counter() - trained, 1))
     return results
 
@@ -293,13 +374,10 @@ def train_digit_models(settings: Settings, seed: int, models_dir: Path, report) 
                               models_dir, report.log)
     middle = time.perf_counter()
     # The preset is 32×32 on all digits; here it scores the 16×16 NVAE's decoder means, on the training split.
-    overrides = [f"train.seed={seed}", f"train.max_steps={settings.digits_ebm_steps}", "data.dataset=digits-train",
-                 f"data.image_size={DIGIT_SIZE}", "energy.layout=digits16", "train.image_every=0"]
-    if settings.digits_ebm_batch:
-        overrides += [f"train.global_batch_size={settings.digits_ebm_batch}",
-                      f"train.per_device_batch_size={settings.digits_ebm_batch}"]
-    if settings.digits_ebm_langevin_steps:
-        overrides.append(f"langevin.steps={settings.digits_ebm_langevin_steps}")
+    overrides = [f"train.seed={seed}", "data.dataset=digits-train", f"data.image_size={DIGIT_SIZE}",
+                 "energy.layout=digits16", "train.image_every=0", f"vae.bn_passes={settings.bn_passes}",
+                 *_tilt_overrides(settings, settings.digits_ebm_steps, settings.digits_ebm_batch,
+                                  settings.digits_ebm_langevin_steps)]
     tilt_run = train_vaebm_run("latent-tilting-digits", nvae_run, overrides, models_dir, report.log)
     timings = {"digits_nvae_train_seconds": round(middle - started, 1),
                "digits_ebm_train_seconds": round(time.perf_counter() - middle, 1)}

@@ -45,6 +45,7 @@ from trainer.evaluation.toy_metrics import (
     log_partition_from_base_samples,
     mean_and_stderr,
     square_grid,
+    summarize_seeds,
 )
 
 PAPER = {"paper_vae_ll": -2.97, "paper_vaebm_ll": -1.50, "paper_true_ll": -1.10}
@@ -124,14 +125,7 @@ SUMMARY_KEYS = ("true_ll", "vae_ll", "vaebm_ll", "vaebm_ll_grid", "vaebm_referen
 def summarize(per_seed: list[dict]) -> dict:
     """Means over seeds of the per-seed values; with several seeds, their standard errors (`*_seed_stderr`).
     With one seed the per-point standard errors of that seed are kept (`*_stderr`)."""
-    results = {}
-    for key in SUMMARY_KEYS:
-        values = torch.tensor([row[key] for row in per_seed if key in row], dtype=torch.float64)
-        if len(values) == 0:
-            continue
-        results[key] = float(values.mean())
-        if len(values) > 1:
-            results[f"{key}_seed_stderr"] = float(values.std(unbiased=True) / math.sqrt(len(values)))
+    results = summarize_seeds(per_seed, SUMMARY_KEYS)
     if len(per_seed) == 1:
         results.update({k: v for k, v in per_seed[0].items() if k.endswith("_stderr")})
     results["train_seconds"] = round(sum(row["vae_train_seconds"] + row["ebm_train_seconds"]

@@ -11,13 +11,14 @@ so its test log-likelihood is log p_base(x) − E(x) − log Z. Two ways to get 
 - `log_integral_on_grid(log f(grid), cell_area)` with log f = log p_base − E: the midpoint rule over a
   square grid (`square_grid`), for 2-D data where a grid can cover the mass.
 
-`chunked` evaluates a per-point function in blocks so a million points never sit in one batch.
+`chunked` evaluates a per-point function in blocks so a million points never sit in one batch, and
+`summarize_seeds` turns an experiment's per-seed results into means with standard errors across seeds.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -91,3 +92,17 @@ def chunked(fn: Callable[[torch.Tensor], torch.Tensor], points: torch.Tensor, bl
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     return torch.cat([fn(points[start:start + block]) for start in range(0, points.shape[0], block)])
+
+
+def summarize_seeds(per_seed: list[dict], keys: Iterable[str]) -> dict[str, float]:
+    """Means over seeds of the per-seed values of `keys` (keys a seed lacks are averaged over the others, keys no
+    seed has are left out) and, with several seeds, their standard errors across seeds, `<key>_seed_stderr`."""
+    results = {}
+    for key in keys:
+        values = torch.tensor([row[key] for row in per_seed if key in row], dtype=torch.float64)
+        if len(values) == 0:
+            continue
+        results[key] = float(values.mean())
+        if len(values) > 1:
+            results[f"{key}_seed_stderr"] = float(values.std(unbiased=True) / math.sqrt(len(values)))
+    return results

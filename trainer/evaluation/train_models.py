@@ -105,7 +105,9 @@ def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_pas
     """The `models.BundleSampler` of a finished NVAE or VAEBM run (exported into the run on first use).
 
     `temperatures`: where the NVAE's BN statistics are readjusted (VAE-only sampling at such a
-    temperature uses them, as NVAE's own sampler does; Langevin always uses the trained statistics).
+    temperature uses them, as NVAE's own sampler does; Langevin always uses the statistics the energy trained
+    with, which an energy trained on readjusted statistics also brings as its temperature's: README, "BN
+    statistics of an energy").
     """
     import models
     from trainer.export import export_run
@@ -114,3 +116,43 @@ def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_pas
     if not (bundle / "bundle.json").is_file():
         export_run(Path(run_dir), bundle, temperatures=tuple(temperatures), bn_passes=bn_passes, seed=seed, log=log)
     return models.load_bundle(bundle, device="cpu")
+
+
+def energy_gap_summary(run_dir: Path, tail: float = 0.2, points: int = 50) -> dict:
+    """How an energy run's gap (mean E(negatives) − mean E(positives), stats.jsonl `energy_gap`) ended and whether it
+    settled. Over the last `tail` of the logged steps: `energy_gap_tail_mean`, the least-squares slope per 100
+    iterations `energy_gap_tail_slope`, and `energy_gap_settled` = 1.0 when the fitted change across that window is
+    smaller than the spread (std) of the logged gaps around the fit, else 0.0; `energy_gap` is the last logged
+    value and `energy_gap_curve` at most `points` [step, gap] pairs of the whole run."""
+    import math
+
+    import torch
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "stats.jsonl").read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if "energy_gap" in row]
+    if not rows:
+        return {"energy_gap": math.nan}
+    steps = torch.tensor([float(row["step"]) for row in rows], dtype=torch.float64)
+    gaps = torch.tensor([float(row["energy_gap"]) for row in rows], dtype=torch.float64)
+    window = steps >= steps[-1] - tail * steps[-1]
+    x, y = steps[window], gaps[window]
+    result = {"energy_gap": float(gaps[-1]), "energy_gap_tail_mean": float(y.mean())}
+    if len(x) >= 3:
+        slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        spread = float((y - y.mean() - slope * (x - x.mean())).std(unbiased=True))
+        change = slope * float(x[-1] - x[0])
+        result.update(energy_gap_tail_slope=100 * slope, energy_gap_settled=float(abs(change) < spread))
+    every = max(1, math.ceil(len(rows) / points))
+    result["energy_gap_curve"] = [[int(steps[i]), round(float(gaps[i]), 4)] for i in range(0, len(rows), every)]
+    return result
+
+
+def trained_bn_statistics(run_dir: Path) -> str:
+    """Which BN statistics an energy run trained with, in words (its newest checkpoint's record)."""
+    from trainer.ebm.sources import describe_bn
+    from trainer.run.checkpoint import Checkpoint, latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UserError(f"run '{run_dir}' has no complete checkpoint")
+    return describe_bn(Checkpoint(checkpoint).json("state.json").get("vae_bn", {"readjusted": False}))

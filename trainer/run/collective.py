@@ -114,6 +114,19 @@ def mean_across_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], 
     return lambda tensor: accelerator.reduce(tensor.detach(), reduction="mean")
 
 
+Tensors = dict[str, torch.Tensor]
+
+
+def broadcast_from_main(accelerator: Accelerator) -> Callable[[Tensors], Tensors] | None:
+    """{name: tensor} ↦ the main process's tensors on every process (every process must call it), or None on one
+    process."""
+    if accelerator.num_processes == 1:
+        return None
+    from accelerate.utils import broadcast
+
+    return lambda tensors: broadcast({name: t.contiguous() for name, t in tensors.items()}, from_process=0)
+
+
 def collective_rows(accelerator: Accelerator, count: int,
                     compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """`compute(rows)` → [len(rows), ...] for rows 0 … count−1, the rows split over the processes.
