@@ -154,7 +154,8 @@ class MLPEnergy(EnergyBase):
     """MLP energy for 2-D points and latent vectors: depth × (Linear → Swish), then Linear(hidden, 1).
 
     Input [B, input_dim] or any [B, ...] with input_dim elements per sample (latent maps are
-    flattened). Output [B]. No convs, so `spectral_loss()` is 0 and `initialize_from_data` is a no-op.
+    flattened). Output [B]. `spectral_loss()` sums the spectral norms of the linear weights (the VAEBM
+    energies' Lipschitz control, `optim.spectral_coeff`); `initialize_from_data` is a no-op.
     """
 
     def __init__(self, input_dim: int, hidden: int = 256, depth: int = 4):
@@ -169,14 +170,15 @@ class MLPEnergy(EnergyBase):
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
         self.input_dim = input_dim
-        self.spectral = SpectralRegularizer([])
+        self.spectral = SpectralRegularizer([layer for layer in self.net if isinstance(layer, nn.Linear)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, input_dim] (or [B, ...] flattening to input_dim) → energies [B]."""
         return self.net(x.flatten(1)).squeeze(-1)
 
     def spectral_loss(self) -> torch.Tensor:
-        return self.net[0].weight.new_zeros(())
+        """Σ σ_max over the linear weights, differentiable (advances the power iteration)."""
+        return self.spectral()
 
 
 def build_energy(cfg: EnergyNetConfig, latent_shapes: list[tuple[int, ...]] | None = None) -> nn.Module:

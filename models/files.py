@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from trainer.errors import NO_SPACE_ERRNOS
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full device or quota (as trainer.errors; the bundle loader
+# imports nothing from the trainer)
 
 TMP_MARK = ".tmp-"  # temporaries are named `.STEM.tmp-PID.SUFFIX` beside their target
 # How writers that wrap the OS error report a full device: safetensors ("No space left on device (os error 28)"),

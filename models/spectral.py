@@ -1,7 +1,8 @@
-"""Spectral regularization: the sum of the largest singular values of every conv kernel.
+"""Spectral regularization: the sum of the largest singular values of every conv kernel (and linear weight).
 
 Each `Conv2d`'s effective kernel is reshaped to a matrix [C_out, C_in·kh·kw] (the norm of the
-reshaped kernel, not the operator norm of the convolution, as in NVAE and VAEBM). Matrices of equal
+reshaped kernel, not the operator norm of the convolution, as in NVAE and VAEBM); an `nn.Linear`'s weight is
+its matrix [out, in] (the MLP energies of the 2-D toys). Matrices of equal
 shape are stacked and run through one batched power iteration, so the cost is one small batched
 matmul per distinct shape rather than one per layer. The singular vectors u, v persist across calls
 as buffers (and so in checkpoints): the first call runs `first_iterations` (40), later calls
@@ -32,11 +33,11 @@ class SpectralRegularizer(nn.Module):
     duplicated in the owner's state dict; only the u/v buffers of each shape group are.
     """
 
-    def __init__(self, convs: list[Conv2d], iterations: int = 4, first_iterations: int = 40):
+    def __init__(self, convs: list[Conv2d | nn.Linear], iterations: int = 4, first_iterations: int = 40):
         super().__init__()
         groups: "OrderedDict[tuple[int, int], list[Conv2d]]" = OrderedDict()
         for conv in convs:
-            rows = conv.out_channels
+            rows = conv.weight.shape[0]
             cols = conv.weight[0].numel()
             groups.setdefault((rows, cols), []).append(conv)
         self._groups = list(groups.values())
@@ -68,7 +69,7 @@ class SpectralRegularizer(nn.Module):
     def _spectral_sum(self, iterations: int) -> torch.Tensor:
         total = None
         for index, members in enumerate(self._groups):
-            weights = torch.stack([conv.regularized_weight().flatten(1) for conv in members])  # [G, R, C]
+            weights = torch.stack([_matrix(layer) for layer in members])  # [G, R, C]
             u_buffer, v_buffer = getattr(self, f"u{index}"), getattr(self, f"v{index}")
             u, v = power_iteration(weights.detach().float(), u_buffer, v_buffer, iterations)
             with torch.no_grad():
@@ -86,6 +87,13 @@ class SpectralRegularizer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._known_warm = False  # the loaded flag is read at the next call
+
+
+def _matrix(layer: nn.Module) -> torch.Tensor:
+    """The matrix whose spectral norm is regularized: a Linear's weight, a Conv2d's kernel as [C_out, C_in·kh·kw]."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight
+    return layer.regularized_weight().flatten(1)
 
 
 @torch.no_grad()

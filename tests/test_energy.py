@@ -142,8 +142,13 @@ def test_mlp_energy():
     assert len([m for m in net.modules() if isinstance(m, torch.nn.Linear)]) == 4
     latent = build_energy(EnergyNetConfig(kind="mlp", input_dim=4 * 3 * 3, hidden=16, depth=1))
     assert latent(torch.randn(6, 4, 3, 3)).shape == (6,)  # latent maps are flattened
-    assert latent.spectral_loss().item() == 0.0
     latent.initialize_from_data(torch.randn(6, 4, 3, 3))  # no-op, must not fail
+    # The spectral term is the sum of the linear weights' largest singular values (power iteration).
+    exact = sum(torch.linalg.matrix_norm(m.weight.detach(), ord=2) for m in latent.modules()
+                if isinstance(m, torch.nn.Linear))
+    assert latent.spectral_loss().item() == pytest.approx(float(exact), rel=1e-3)
+    latent.spectral_loss().backward()
+    assert all(m.weight.grad is not None for m in latent.modules() if isinstance(m, torch.nn.Linear))
     with pytest.raises(ValueError):
         build_energy(EnergyNetConfig(kind="transformer"))
 

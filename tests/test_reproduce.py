@@ -21,7 +21,8 @@ def load_reproduce():
 
 
 def test_table_is_rendered_from_the_results_and_names_failures(tmp_path):
-    (tmp_path / "toy-likelihood.json").write_text(json.dumps({"vae_ll": -3.19071, "vaebm_ll": -2.4794, "true_ll": -1.13}))
+    (tmp_path / "toy-likelihood.json").write_text(json.dumps({"vae_ll": -3.19071, "vaebm_ll": -2.4794, "true_ll": -1.13,
+                                                               "vaebm_ll_seed_stderr": 0.0213}))
     ood = {f"{method}_{name}_auroc": 0.5 + 0.1 * i for i, name in enumerate(OOD_SETS) for method in ("nvae", "vaebm")}
     (tmp_path / "ood.json").write_text(json.dumps(ood))
     status = {"toy-likelihood": [0, 169.0, ""], "ood": [0, 23.0, ""], "modes": [3, 12.0, ""],
@@ -34,7 +35,8 @@ def test_table_is_rendered_from_the_results_and_names_failures(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table in result.stdout
     assert "| toy-likelihood | 25-Gaussians test LL, VAE (nats) | −3.191 | −2.97 |" in table
-    assert "| toy-likelihood | 25-Gaussians test LL, VAEBM (nats) | −2.479 | −1.50 |" in table
+    assert "| toy-likelihood | 25-Gaussians test LL, VAEBM, Langevin in ε-space (nats) | −2.479 ± 0.021 | −1.50 |" in table
+    assert "| toy-likelihood | 25-Gaussians test LL, reference trainer with exact negatives (nats) | – |  |" in table
     assert "failed (exit 3, see modes.log)" in table
     assert "not run: no VAEBM bundle in OUT/models" in table
     ood_rows = [line for line in table.splitlines() if line.startswith("| ood | AUROC")]

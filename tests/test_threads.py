@@ -60,7 +60,7 @@ def test_available_cores_is_within_the_affinity_mask():
     assert 1 <= available_cores() <= len(os.sched_getaffinity(0))
 
 
-PROBE = ("from trainer.errors import run_cli\n"
+PROBE = ("from trainer.cli import run_cli\n"
          "def main():\n"
          "    import json, os, torch\n"
          "    print(json.dumps({'threads': torch.get_num_threads(), 'policy': os.environ.get('OMP_WAIT_POLICY')}))\n"

@@ -39,8 +39,8 @@ from trainer.errors import UserError
 from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save,
                                     first_non_finite, is_imported, latest_checkpoint, load_state,
                                     restore_process_state, rng_state, select_resume_checkpoint)
-from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, broadcast_from_main, collective_rows,
-                                    main_then_share, mean_across_ranks, sliced_noise)
+from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, collective_rows, main_then_share,
+                                    mean_across_ranks, sliced_noise, tensor_broadcaster)
 from trainer.run.divergence import Divergence, DivergenceDetector, stop_diverged
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
 from trainer.run.launch import (Launch, batch_inputs, compile_if_asked, make_accelerator, make_train_stream,
@@ -84,7 +84,7 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
     check_vae_fits_data(vae, cfg.data, cfg.vae.path)
     # The BN statistics the energy trains with (README, "BN statistics of an energy"): readjusted once, or the
     # ones the checkpoint being resumed kept, so the energy, its chains, grids, FID and export all share them.
-    bn = frozen_bn(vae, cfg, checkpoint_path, broadcast_from_main(accelerator),
+    bn = frozen_bn(vae, cfg, checkpoint_path, tensor_broadcaster(accelerator),
                    log=accelerator.print)
     seed_everything(cfg.train.seed)
     energy = build_energy(cfg.energy, vae.z_shapes)  # a latent energy scores z, not the noise

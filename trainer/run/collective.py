@@ -117,9 +117,9 @@ def mean_across_processes(accelerator: Accelerator) -> Callable[[torch.Tensor], 
 Tensors = dict[str, torch.Tensor]
 
 
-def broadcast_from_main(accelerator: Accelerator) -> Callable[[Tensors], Tensors] | None:
-    """{name: tensor} ↦ the main process's tensors on every process (every process must call it), or None on one
-    process."""
+def tensor_broadcaster(accelerator: Accelerator) -> Callable[[Tensors], Tensors] | None:
+    """A function {name: tensor} ↦ the main process's tensors on every process (every process must call it), or
+    None on one process."""
     if accelerator.num_processes == 1:
         return None
     from accelerate.utils import broadcast
