@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from trainer.errors import UserError
 from trainer.evaluation import digit_experiments as common
 
 NUM_MODES = 1000
@@ -26,6 +27,9 @@ FULL = {"image_size": 16, "nvae_steps": 4000, "vaebm_steps": 600, "samples": 100
 
 def add_arguments(parser) -> None:
     common.add_arguments(parser, samples_help="samples of each model to classify (paper: >= 10,000)")
+    parser.add_argument("--curve", default=None, metavar="N,N,...",
+                        help="also measure VAEBM after these energy iterations (one run, checkpoints kept at each; "
+                             "the last is the headline), e.g. 150,300,600,1200")
 
 
 def stacked_labels(channel_digits: np.ndarray) -> np.ndarray:
@@ -62,6 +66,12 @@ def run(args, report) -> dict:
     from data.bundled import load_stacked_digits
     from trainer.evaluation.train_models import sampler_for
 
+    curve = parse_curve(args.curve)
+    if curve:  # one energy run to the last point, a checkpoint kept at every point
+        args.vaebm_steps = curve[-1]
+        every = math.gcd(*curve)
+        args.vaebm_set = [*args.vaebm_set, f"train.checkpoint_every={every}",
+                          f"train.keep_checkpoints={max(2, curve[-1] // every + 1)}"]
     settings = common.resolve(args, report, QUICK, FULL)
     judge = common.classifier(settings, args.seed, report)
 
@@ -87,4 +97,26 @@ def run(args, report) -> dict:
         results.update({f"{name}_modes": modes, f"{name}_kl": kl, f"{name}_samples": len(samples)})
     results.update({"data_modes": data_modes, "data_kl": data_kl, "data_samples": len(data_labels),
                     "data_label_acc": channel_accuracy, "kl_max": math.log(NUM_MODES)})
+    if curve:
+        results["curve"] = []
+        for steps in curve:
+            at = sampler_for(vaebm_run, bn_passes=settings.bn_passes, step=steps, log=report.log)
+            report.log(f"VAEBM after {steps} energy iterations: sampling {settings.samples} images")
+            images = at.sample(settings.samples, steps=settings.sample_steps, seed=args.seed)
+            modes, kl = mode_statistics(stacked_labels(classify_channels(judge, images)))
+            results["curve"].append({"energy_iterations": steps, "vaebm_modes": modes, "vaebm_kl": kl})
+            report.log(f"  {steps} iterations: {modes} modes, KL {kl:.3f}")
     return results
+
+
+def parse_curve(text: str | None) -> list[int]:
+    """'150,300,600' → [150, 300, 600] (sorted, each ≥ 1); None → []."""
+    if not text:
+        return []
+    try:
+        steps = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"--curve takes comma-separated energy iteration counts, got {text!r}") from None
+    if not steps or steps[0] < 1:
+        raise UserError(f"--curve iteration counts must be >= 1, got {text!r}")
+    return steps

@@ -101,10 +101,11 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
 
 
 def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_passes: int = 500,
-                seed: int = 0, log: Log = print):
+                seed: int = 0, step: int | None = None, log: Log = print):
     """The `models.BundleSampler` of a finished NVAE or VAEBM run (exported into the run on first use).
 
-    `temperatures`: where the NVAE's BN statistics are readjusted (VAE-only sampling at such a
+    `step`: the run's checkpoint of that step instead of its newest. `temperatures`: where the NVAE's BN statistics
+    are readjusted (VAE-only sampling at such a
     temperature uses them, as NVAE's own sampler does; Langevin always uses the statistics the energy trained
     with, which an energy trained on readjusted statistics also brings as its temperature's: README, "BN
     statistics of an energy").
@@ -112,9 +113,11 @@ def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_pas
     import models
     from trainer.export import export_run
 
-    bundle = Path(run_dir) / f"bundle-t{'_'.join(f'{t:g}' for t in temperatures) or 'none'}-bn{bn_passes}-s{seed}"
+    at = "" if step is None else f"-step{step}"
+    bundle = Path(run_dir) / f"bundle-t{'_'.join(f'{t:g}' for t in temperatures) or 'none'}-bn{bn_passes}-s{seed}{at}"
     if not (bundle / "bundle.json").is_file():
-        export_run(Path(run_dir), bundle, temperatures=tuple(temperatures), bn_passes=bn_passes, seed=seed, log=log)
+        export_run(Path(run_dir), bundle, step=step, temperatures=tuple(temperatures), bn_passes=bn_passes, seed=seed,
+                   log=log)
     return models.load_bundle(bundle, device="cpu")
 
 
