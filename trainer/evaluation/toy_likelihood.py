@@ -119,7 +119,8 @@ def run(args: argparse.Namespace, report) -> dict:
 # Per-seed values averaged in the summary (each with <key>_seed_stderr across seeds when there are several).
 SUMMARY_KEYS = ("true_ll", "vae_ll", "vaebm_ll", "vaebm_ll_grid", "vaebm_reference_ll", "vaebm_reference_ll_grid",
                 "vaebm_gain", "log_z", "log_z_grid", "log_z_ess", "reference_log_z", "reference_log_z_grid",
-                "vae_near_mode", "vaebm_langevin_near_mode", "vaebm_resampled_near_mode", "true_near_mode")
+                "vae_log_mass_grid", "vae_near_mode", "vaebm_langevin_near_mode", "vaebm_resampled_near_mode",
+                "true_near_mode")
 
 
 def summarize(per_seed: list[dict]) -> dict:

@@ -124,10 +124,13 @@ def _train_nvae(cfg: NVAETrainingConfig, run: OwnedRun, launch: Launch, resume_f
         progress.step_done(result.images)
 
         # Divergence: non-finite loss or gradients (weights where a checkpoint is due), alike everywhere.
+        # An fp16 overflow is the loss scaler's business (it lowers its scale; the weights are untouched), as
+        # in the energy loop: only a non-finite loss or a skip without a scaler starts a bad streak.
         checkpoint_due = step % cfg.train.checkpoint_every == 0 or step == stop_step
         loss_bad, weights_bad = any_ranks(accelerator, [not math.isfinite(result.loss),
                                                         checkpoint_due and not weights_finite(update)])
-        divergence = detector.check_finite(step, math.nan if loss_bad else result.loss, not result.skipped,
+        grads_bad = result.skipped and result.loss_scale is None
+        divergence = detector.check_finite(step, math.nan if loss_bad else result.loss, not grads_bad,
                                            not weights_bad)
 
         # Report.
