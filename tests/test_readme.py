@@ -26,8 +26,8 @@ def named_paths(text: str) -> list[tuple[int, str]]:
 
 def test_named_paths_are_found():
     """The extraction sees commands, plain paths and table rows (so the test below cannot pass by finding none)."""
-    text = ("run `python scripts/train_nvae.py --config x` with `slurm/accelerate/cpu.yaml`, not `data/skipped_samples`\n"
-            "| `trainer/run/` | the launch (`launch.py`) |")
+    text = ("run `python scripts/train_nvae.py --config x` with `slurm/accelerate/cpu.yaml`,\n"
+            "not `data/skipped_samples`\n| `trainer/run/` | the launch (`launch.py`) |")
     assert [path for _, path in named_paths(text)] == [
         "scripts/train_nvae.py", "slurm/accelerate/cpu.yaml", "trainer/run/", "trainer/run/launch.py"]
 
