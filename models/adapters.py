@@ -10,7 +10,7 @@ is an energy on part of T(ε):
 | latent-tilting  | ε_z             | G(z) = μ_x(z), the decoder mean      | data x                |
 | joint-prior     | ε_z             | the latents z = (z_1 … z_L)          | z ~ q(z|x) (encoder)  |
 
-An adapter offers the same calls for all three, so the EBM training loop (`trainer/vaebm_loop.py`),
+An adapter offers the same calls for all three, so the EBM training loop (`trainer/ebm/loop.py`),
 the bundle sampler (`models/sampler.py`) and the benchmarks never branch on the method:
 
     chain_shapes                     per-sample shapes of the noise of a chain

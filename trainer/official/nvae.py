@@ -15,15 +15,15 @@ epoch, global_step, ...}. Steps:
    tensor placed or a recognized alias, every tensor of ours filled (except `ours_only`), shapes equal;
 4. write the run atomically (a staging directory renamed into place): `config.yaml` (the resolved
    training config, with the official training flags where we have the same knob) and one checkpoint
-   at the official global step in the trainer's own format (`trainer/checkpoint.py`): model and EMA
+   at the official global step in the trainer's own format (`trainer/run/checkpoint.py`): model and EMA
    weights (the same tensors: the official code keeps no EMA), a fresh optimizer state (the official
    `fast_adamax` state is stacked by shape and not carried over) and `state.json` with an `imported`
    entry. An imported checkpoint has no per-process state: resuming it starts a fresh data stream
-   with per-process seeds, on any number of processes (`trainer/nvae_loop.py restore`).
+   with per-process seeds, on any number of processes (`trainer/nvae/loop.py restore`).
 
 The imported run is "finished" at the official step (`train.max_steps` = that step): `train_vaebm.py
 --vae RUN` and `export.py RUN` use it as it is; continue NVAE training with `train.max_steps=N`.
-The energy-network importer is `trainer/official_ebm.py`.
+The energy-network importer is `trainer/official/ebm.py`.
 """
 from __future__ import annotations
 
