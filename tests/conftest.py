@@ -1,5 +1,6 @@
 """Shared fixtures: a bundled-data cache and a tiny trained NVAE run, made once per test session."""
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,16 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now. Two-process launches name one (Accelerate's default is 29500 for all),
+    so tests running side by side (`pytest -n 2`) never meet on a port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 
 # Small settings every end-to-end trainer test shares (a few seconds per step on 2 CPU cores).
 FAST = ["train.per_device_batch_size=8", "train.global_batch_size=8", "data.num_workers=1",

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, run_script
+from conftest import FAST, ROOT, free_port, run_script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,7 +24,8 @@ from trainer.errors import UserError
 from trainer.run.checkpoint import latest_checkpoint
 
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no"]
+                 "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(free_port())]
 
 
 def _script(name: str):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, ROOT, run_script
+from conftest import FAST, ROOT, free_port, run_script
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow  # real multi-process launches
 # On a CPU-only machine `--multi_gpu` is what makes accelerate start one process per rank (torchrun);
 # the trainer then forms a gloo group.
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no"]
+                 "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(free_port())]
 ONE = ["train.per_device_batch_size=8", "train.global_batch_size=8"]
 TWO = ["train.per_device_batch_size=4", "train.global_batch_size=8"]
 # fp32 on CPU: the runs differ only by float rounding (the order of sums). Measured: 2.6e-6 (NVAE, a

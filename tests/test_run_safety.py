@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, free_port
 
 from trainer.run.launcher_exit import _decide, is_launcher
 from trainer.run.checkpoint import latest_checkpoint, list_checkpoints, verify_checkpoint
@@ -26,7 +26,8 @@ TOY = ["train.progress_bar=false", "train.log_every=1", "train.checkpoint_every=
 ONE_PROCESS = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no"]
 TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no"]
+                 "--mixed_precision", "no", "--dynamo_backend", "no",
+                 "--main_process_port", str(free_port())]
 
 
 def environment(extra_path: Path | None = None) -> dict:
