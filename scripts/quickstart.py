@@ -26,6 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from trainer.cli import run_cli  # noqa: E402
 from trainer.errors import TrainingDiverged  # noqa: E402
 
+# The four trainings: a preset and the overrides that size it for the quick start. The header of each stage
+# prints the equivalent `train_*.py` command, so any stage can be re-run by hand at another length.
+NVAE_DIGITS = ("digits16", ["data.dataset=digits", "train.max_steps=1500"])
+VAEBM_DIGITS = ("digits16", ["data.dataset=digits", "train.max_steps=150"])
+TOY_VAE = ("toy2d", ["train.max_steps=2500"])
+TOY_VAEBM = ("toy2d", ["train.max_steps=400"])
 # Measured on this project's 2-core CPU machine, idle (README, "Quick start"): what the estimate is made of.
 STAGE_MINUTES = {"nvae": 4.0, "vaebm": 1.5, "toy": 2.0, "picture": 1.0}
 TEMPERATURE = 0.7          # NVAE samples at t = 0.7 with BN statistics readjusted there (VAEBM App. E)
@@ -34,11 +40,23 @@ COLUMNS = 12               # digits per row of the picture
 CONFIDENT = 0.9            # a sample is "recognizable" when the classifier's top probability reaches this
 
 
+def scaled(overrides: list[str], scale: float) -> list[str]:
+    """The overrides with `train.max_steps` multiplied by `scale` (at least 2 steps)."""
+    if scale == 1.0:
+        return overrides
+    return [f"train.max_steps={max(2, round(int(o.split('=')[1]) * scale))}" if o.startswith("train.max_steps=")
+            else o for o in overrides]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--out", default="runs/quickstart", type=Path, help="where the runs and pictures go")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every stage's training steps (a trial of the pipeline: 0.01)")
     args = parser.parse_args()
+    if not 0 < args.scale <= 10:
+        parser.error(f"--scale must be in (0, 10], got {args.scale}")
     out = args.out.expanduser().resolve()
     print(f"quick start in {out}: 4 stages, about {sum(STAGE_MINUTES.values()):.0f} minutes on 2 CPU cores "
           f"(much less on a GPU)", file=sys.stderr, flush=True)
@@ -52,10 +70,18 @@ def main() -> int:
     from trainer.nvae.loop import train_nvae
     from trainer.run.checkpoint import Checkpoint
 
-    def stage(number: int, name: str, what: str, run_dir: Path, train, cfg) -> None:
+    def stage(number: int, name: str, what: str, run_dir: Path, kind: str, recipe, vae_dir: Path | None = None):
         """Run one training stage with a header; stop the quick start if the stage was stopped early."""
-        print(f"\n== {number}/4 {what} ({cfg.train.max_steps} steps, about {STAGE_MINUTES[name]:.1f} min) -> {run_dir}",
-              file=sys.stderr, flush=True)
+        preset, overrides = recipe[0], scaled(recipe[1], args.scale)
+        if kind == "nvae":
+            cfg = load_config(NVAETrainingConfig, "nvae", preset, overrides, expand={"model": architecture_dict})
+            train, vae_flag = train_nvae, ""
+        else:
+            cfg = load_config(VAEBMTrainingConfig, "vaebm", preset, [*overrides, f"vae.path={vae_dir}"])
+            train, vae_flag = train_vaebm, f" --vae {vae_dir}"
+        print(f"\n== {number}/4 {what} ({cfg.train.max_steps} steps, about {STAGE_MINUTES[name]:.1f} min) -> {run_dir}\n"
+              f"   (the same by hand: python scripts/train_{kind}.py --config {preset}{vae_flag} --run-dir {run_dir} "
+              f"{' '.join(overrides)})", file=sys.stderr, flush=True)
         started = time.perf_counter()
         try:
             checkpoint = train(cfg, run_dir)
@@ -67,19 +93,12 @@ def main() -> int:
             raise SystemExit(0)
         print(f"   done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
-    def nvae_config(preset: str):
-        return load_config(NVAETrainingConfig, "nvae", preset, [], expand={"model": architecture_dict})
-
-    def vaebm_config(preset: str, vae_dir: Path):
-        return load_config(VAEBMTrainingConfig, "vaebm", preset, [f"vae.path={vae_dir}"])
-
     digits_nvae, digits_vaebm = out / "nvae", out / "vaebm"
     toy_vae, toy_vaebm = out / "toy-vae", out / "toy-vaebm"
-    stage(1, "nvae", "NVAE on the bundled digits", digits_nvae, train_nvae, nvae_config("digits"))
-    stage(2, "vaebm", "VAEBM energy on the frozen NVAE", digits_vaebm, train_vaebm,
-          vaebm_config("digits", digits_nvae))
-    stage(3, "toy", "25-Gaussians: MLP VAE, then VAEBM", toy_vae, train_nvae, nvae_config("toy2d"))
-    stage(3, "toy", "25-Gaussians: the VAEBM energy", toy_vaebm, train_vaebm, vaebm_config("toy2d", toy_vae))
+    stage(1, "nvae", "NVAE on the bundled digits", digits_nvae, "nvae", NVAE_DIGITS)
+    stage(2, "vaebm", "VAEBM energy on the frozen NVAE", digits_vaebm, "vaebm", VAEBM_DIGITS, digits_nvae)
+    stage(3, "toy", "25-Gaussians: MLP VAE, then VAEBM", toy_vae, "nvae", TOY_VAE)
+    stage(3, "toy", "25-Gaussians: the VAEBM energy", toy_vaebm, "vaebm", TOY_VAEBM, toy_vae)
 
     print("\n== 4/4 the picture", file=sys.stderr, flush=True)
     from trainer.evaluation.quickstart import draw_quickstart
