@@ -28,7 +28,7 @@ from trainer.errors import TrainingDiverged  # noqa: E402
 
 # The four trainings: a preset and the overrides that size it for the quick start. The header of each stage
 # prints the equivalent `train_*.py` command, so any stage can be re-run by hand at another length.
-NVAE_DIGITS = ("digits16", ["data.dataset=digits", "train.max_steps=1500"])
+NVAE_DIGITS = ("digits16", ["data.dataset=digits", "train.max_steps=1000"])
 VAEBM_DIGITS = ("digits16", ["data.dataset=digits", "train.max_steps=150"])
 TOY_VAE = ("toy2d", ["train.max_steps=2500"])
 TOY_VAEBM = ("toy2d", ["train.max_steps=400"])

@@ -15,7 +15,7 @@ step can take many times longer. Every script therefore sets, before torch is im
   once), `ACTIVE` (they spin) or `default` (OpenMP's own: spin a while, then sleep). Unset:
   `OMP_WAIT_POLICY` when the user set it, else `DEFAULT_WAIT_POLICY`.
 
-The defaults below are provisional: README, "CPU threads" gives the measurements they are chosen by.
+The defaults below (1 thread, PASSIVE) are chosen by the measurements in README, "CPU threads".
 This module imports nothing heavy (it must run before torch loads).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from trainer.errors import UserError
 
-DEFAULT_THREADS = "auto"         # a number, auto or off (see the module docstring)
+DEFAULT_THREADS = "1"            # a number, auto or off: one thread won idle and busy (README, "CPU threads")
 DEFAULT_WAIT_POLICY = "PASSIVE"  # PASSIVE, ACTIVE or default
 WAIT_POLICIES = ("PASSIVE", "ACTIVE", "default")
 
