@@ -36,6 +36,7 @@ from trainer.export import export_run
 from trainer.run.images import save_png
 
 CELL = 64                 # pixels per digit in the picture
+GAP = 4                   # white pixels between digits
 MEASURED_CHAINS = 256     # chains behind the recognizable shares
 TOY_POINTS = 20_000       # points per 25-Gaussians panel
 TOY_EXTENT = 3.0          # the panels show [−3, 3]²
@@ -67,7 +68,7 @@ def draw_quickstart(out: Path, nvae_dir: Path, vaebm_dir: Path, toy_vae_dir: Pat
          f"Langevin steps of VAEBM", [grid_row(vae_samples[:columns]), grid_row(langevin[:columns]),
                                       grid_row(vae_samples[columns:2 * columns]),
                                       grid_row(langevin[columns:2 * columns])]),
-        ("25-Gaussians (VAEBM §5.4):  data  /  VAE samples  /  VAEBM samples", [toy["row"]]),
+        ("25-Gaussians (VAEBM paper, Sec. 5.4):  data  /  VAE samples  /  VAEBM samples", [toy["row"]]),
     ]
     save_png(compose(bands), out / "quickstart.png")
     return {**shares, "toy_vae_near_mode": toy["vae_near_mode"], "toy_vaebm_near_mode": toy["vaebm_near_mode"],
@@ -119,10 +120,13 @@ def toy_panels(vae_dir: Path, vaebm_dir: Path, seed: int) -> dict:
 
 
 def grid_row(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, C, S, S] → one row [3, CELL, N·CELL], each image scaled to CELL pixels (nearest)."""
+    """uint8 images [N, C, S, S] → one row [3, CELL, N·(CELL + GAP) − GAP], each image scaled to CELL pixels
+    (nearest), with a white gap between images so that each digit reads on its own."""
     images = images.expand(-1, 3, -1, -1).float()
     scaled = F.interpolate(images, size=(CELL, CELL), mode="nearest").round().to(torch.uint8)
-    return torch.cat(list(scaled), dim=2)
+    gap = torch.full((3, CELL, GAP), 255, dtype=torch.uint8)
+    cells = [piece for image in scaled for piece in (image, gap)][:-1]
+    return torch.cat(cells, dim=2)
 
 
 def compose(bands: list[tuple[str, list[torch.Tensor]]], margin: int = 8) -> torch.Tensor:
@@ -142,4 +146,4 @@ def compose(bands: list[tuple[str, list[torch.Tensor]]], margin: int = 8) -> tor
             canvas.paste(Image.fromarray(array), (margin, y))
             y += row.shape[1] + 2
         y += margin
-    return torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
