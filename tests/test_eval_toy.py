@@ -93,7 +93,11 @@ def test_toy_likelihood_end_to_end(tmp_path):
         assert math.isfinite(result[key]), (key, result[key])
     assert result["experiment"] == "toy-likelihood" and result["test_points"] == 200
     assert abs(result["true_ll"] + 1.10) < 4 * result["true_ll_stderr"]
-    assert result["vaebm_ll"] == pytest.approx(result["vae_ll"] + result["vaebm_gain"], abs=1e-9)
+    # The two log Z estimators agree (Monte Carlo over VAE samples vs a grid integral), the VAE's density
+    # integrates to about 1 on the grid, and the reference trainer (exact negatives) reported its own row.
+    assert abs(result["log_z"] - result["log_z_grid"]) < 4 * result["log_z_stderr"] + 0.05, result
+    assert abs(result["vae_log_mass_grid"]) < 0.1
+    assert math.isfinite(result["vaebm_reference_ll"]) and math.isfinite(result["reference_log_z_grid"])
     assert result["log_z_stderr"] > 0 and 0 < result["log_z_ess"] <= 4000
     for name in ("true", "vae", "vaebm_langevin", "vaebm_resampled"):
         assert (run_dir / f"samples_{name}.png").stat().st_size > 0
