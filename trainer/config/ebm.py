@@ -16,6 +16,7 @@ LATENT_METHODS = ("latent-tilting", "joint-prior")  # energies whose papers comp
 @dataclass
 class VAERef:
     """The frozen VAE an energy trains against: run or checkpoint, weights, temperature, fine-tuning, BN stats."""
+
     path: str | None = None          # NVAE run directory or checkpoint directory (--vae)
     weights: str = "ema"             # ema (default) or raw weights of the NVAE checkpoint
     temperature: float = 1.0         # prior and decoder temperature of T(ε) during training
@@ -65,6 +66,7 @@ class VAERef:
 @dataclass
 class EBMOptimConfig:
     """Energy optimizer: Adam settings, element-wise gradient clip, spectral and energy regularizer weights."""
+
     lr: float = 4e-5                 # constant learning rate (Table 8)
     beta1: float = 0.99
     beta2: float = 0.999
@@ -90,6 +92,7 @@ class EBMOptimConfig:
 @dataclass
 class LangevinConfig:
     """Langevin negatives: steps, step size, precision, test-time steps, exact resampling and tail starts."""
+
     steps: int = 10                  # K, Langevin steps per training iteration
     step_size: float = 8e-5          # η (the injected noise has std √η)
     use_mu_cd: bool = False          # negatives = decoder mean instead of a decoder sample
@@ -124,6 +127,7 @@ class LangevinConfig:
 @dataclass
 class ReplayConfig:
     """Replay buffer of persistent ε_z chains: capacity and the annealed replay probability."""
+
     enabled: bool = False            # persistent chains: initialize ε_z from a replay buffer
     capacity: int = 10000            # entries in total, split evenly across processes
     max_p: float = 0.6               # replay probability reached after anneal_steps
@@ -138,6 +142,7 @@ class ReplayConfig:
 @dataclass
 class DivergenceConfig:
     """Divergence guard of energy training: energy and gap thresholds and the patience for bad steps."""
+
     max_abs_energy: float = 1e4      # |mean E+| or |mean E−| beyond this counts as a bad step
     max_energy_gap: float = 1e3      # |mean E+ − mean E−| beyond this counts as a bad step
     patience: int = 5                # consecutive bad steps (or non-finite steps) that mean divergence
@@ -151,6 +156,7 @@ class DivergenceConfig:
 @dataclass
 class VAEBMTrainingConfig:
     """Energy training (VAEBM, latent tilting, joint prior) against a frozen VAE: the whole config tree."""
+
     method: str = "vaebm"            # vaebm (pixel energy, moves ε_z and ε_x), latent-tilting (energy on the
                                      # decoder mean, moves ε_z), joint-prior (energy on the latents, moves ε_z)
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)

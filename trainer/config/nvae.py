@@ -17,6 +17,7 @@ from trainer.errors import UserError
 @dataclass
 class NVAEOptimConfig:
     """NVAE optimizer: Adamax with linear warm-up and cosine decay, weight decay and eps."""
+
     lr: float = 1e-2                 # Adamax peak learning rate
     lr_min: float = 1e-4             # end of the cosine decay
     warmup_steps: int = 100          # linear warm-up from 0
@@ -38,6 +39,7 @@ class NVAEOptimConfig:
 @dataclass
 class NVAELossConfig:
     """NVAE loss schedule: KL warm-up and balancing, and the (optionally annealed) spectral + BN penalty."""
+
     kl_anneal_portion: float = 0.3   # KL warm-up: β rises linearly over this fraction of max_steps
     kl_const_portion: float = 1e-4   # ...after holding at kl_min_coeff for this fraction
     kl_min_coeff: float = 1e-4
@@ -61,6 +63,7 @@ class NVAELossConfig:
 @dataclass
 class NVAEDivergenceConfig:
     """Divergence guard of VAE pretraining: how many consecutive non-finite steps mean divergence."""
+
     patience: int = 5                # consecutive steps with a non-finite loss or gradient (or non-finite weights
                                      # at a checkpoint) that mean divergence; a single one is skipped and counted
 
