@@ -52,10 +52,12 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 def shard_name(index: int) -> str:
+    """File name of shard `index` (shard-000012.tar)."""
     return f"shard-{index:06d}.tar"
 
 
 def sample_key(index: int) -> str:
+    """WebDataset key of sample `index` (nine digits)."""
     return f"{index:09d}"
 
 
@@ -304,6 +306,7 @@ class _FolderImages:
 
     @property
     def skipped_count(self) -> int:
+        """Number of files skipped so far, over every reason."""
         return sum(len(names) for names in self.skipped.values())
 
     def _read_bytes(self) -> Iterator[tuple[str, bytes]]:

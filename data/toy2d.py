@@ -98,12 +98,15 @@ class ToyStream:
 
     @property
     def seen_samples(self) -> int:
+        """Samples this process has drawn so far."""
         return self._batches * self.batch_size
 
     def state_dict(self) -> dict:
+        """The stream's position and identity (seed, rank, world size), for checkpoints."""
         return {"batches": self._batches, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the position; UserError if the checkpoint's seed, rank or world size differ."""
         for field, mine in (("seed", self.seed), ("rank", self.rank), ("world_size", self.world_size)):
             if state.get(field) != mine:
                 raise UserError(f"cannot resume the toy stream: checkpoint has {field}={state.get(field)}, "

@@ -48,6 +48,7 @@ class NoiseEnergy:
 
     @property
     def chain_shapes(self) -> list[tuple[int, ...]]:
+        """Per-sample shapes of the chains' noise: the VAE's latent shapes, plus the image shape if ε_x moves."""
         shapes = [tuple(s) for s in self.vae.latent_shapes]
         return [*shapes, tuple(self.vae.image_shape)] if self.moves_eps_x else shapes
 
@@ -58,9 +59,11 @@ class NoiseEnergy:
         return tuple(getattr(self.vae, "held_noise", ()))
 
     def latent_noise(self, noise: Noise) -> Noise:
+        """The latent part ε_z of chain noise (drops ε_x where the chains carry it)."""
         return list(noise[:-1]) if self.moves_eps_x else list(noise)
 
     def chain_noise(self, eps_z: Noise, generator: torch.Generator) -> Noise:
+        """Chain noise from ε_z (each [B, ...]): ε_z, plus a fresh ε_x [B, C, H, W] where the chains move it."""
         if not self.moves_eps_x:
             return list(eps_z)
         eps_x = torch.randn((eps_z[0].shape[0], *self.vae.image_shape), generator=generator, device=generator.device)
@@ -75,10 +78,12 @@ class NoiseEnergy:
         return self.vae.decode(self.latent_noise(noise), None, self.temperature).x_mean
 
     def positives(self, x: torch.Tensor, posterior_eps: Noise | None = None) -> EnergyInput:
+        """What the energy scores for data x [B, ...]: x itself (the joint prior overrides this)."""
         return x
 
     @staticmethod
     def concat(a: EnergyInput, b: EnergyInput) -> EnergyInput:
+        """Concatenate two energy inputs along the batch: tensors, or lists of per-group tensors."""
         if isinstance(a, torch.Tensor):
             return torch.cat([a, b])
         return [torch.cat([u, v]) for u, v in zip(a, b)]
@@ -105,6 +110,7 @@ class VAEBMEnergy(NoiseEnergy):
         return self.energy(self.vae.decode(noise[:-1], noise[-1], self.temperature).x_sample)
 
     def negatives(self, noise: Noise, use_mean: bool = False) -> torch.Tensor:
+        """Negatives of chain noise: decoder samples x [B, C, H, W] (decoder means with `use_mean`)."""
         generation = self.vae.decode(noise[:-1], noise[-1], self.temperature)
         return generation.x_mean if use_mean else generation.x_sample
 
@@ -120,6 +126,7 @@ class LatentTiltEnergy(NoiseEnergy):
         return self.energy(self.vae.decode(list(noise), None, self.temperature).x_mean)
 
     def negatives(self, noise: Noise, use_mean: bool = True) -> torch.Tensor:
+        """Negatives of chain noise ε_z: decoder means μ_x [B, C, H, W] (always the mean)."""
         return self.vae.decode(list(noise), None, self.temperature).x_mean
 
 
@@ -134,6 +141,7 @@ class JointPriorEnergy(NoiseEnergy):
         return self.energy(self.vae.decode(list(noise), None, self.temperature).z)
 
     def negatives(self, noise: Noise, use_mean: bool = False) -> list[torch.Tensor]:
+        """Negatives of chain noise ε_z: the latents z, one [B, C_l, h_l, w_l] tensor per group."""
         return self.vae.decode(list(noise), None, self.temperature).z
 
     def positives(self, x: torch.Tensor, posterior_eps: Noise | None = None) -> list[torch.Tensor]:

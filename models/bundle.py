@@ -79,6 +79,7 @@ def _file_digest(path: Path) -> dict[str, Any]:
 
 
 def vae_type(vae) -> str:
+    """The bundle's name for a VAE's type (nvae, mlp, hvae); TypeError for anything else."""
     if isinstance(vae, NVAE):
         return "nvae"
     if isinstance(vae, MLPVAE):

@@ -86,6 +86,7 @@ class EnergyNetConfig:
     """"latent" only: the joint coupling term f_joint(z_1, …, z_L)."""
 
     def validate(self) -> None:
+        """Check the input range is known and, if not -1..1, that the energy is a conv energy."""
         if self.input_range not in INPUT_RANGES:
             raise ValueError(f"input_range must be one of {', '.join(INPUT_RANGES)}, got {self.input_range!r}")
         if self.input_range != "-1..1" and self.kind != "conv":
@@ -112,6 +113,7 @@ class HVAEConfig:
     max_log_var: float = 2.0
 
     def validate(self) -> None:
+        """Check sizes are positive integers, levels, prior, pseudo-input init and the log-variance bounds."""
         for name in ("image_size", "in_channels", "pseudo_inputs", "latent_dim", "hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -139,6 +141,7 @@ class MLPVAEConfig:
     min_log_sigma: float = -7.0  # smooth floor of the decoder log σ_x (σ_x ≥ e⁻⁷ ≈ 9·10⁻⁴)
 
     def validate(self) -> None:
+        """Check sizes are positive integers, the activation is known and min_log_sigma is in [-30, 10]."""
         for name in ("data_dim", "latent_dim", "hidden", "depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

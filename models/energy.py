@@ -56,6 +56,7 @@ class ResBlock(nn.Module):
         self.act = LipSwish()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, in, H, W] → [B, out, H', W'] (H' = H/2 when downsampling)."""
         h = self.conv2(self.act(self.conv1(x))) + self.skip(x)
         if self.downsample:
             h = F.avg_pool2d(h, 2)  # after the addition, as in the official network

@@ -56,6 +56,7 @@ class GatedDense(nn.Module):
         self.linear = nn.Linear(in_dim, 2 * out_dim)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """[N, in] → [N, out], gated."""
         value, gate = self.linear(a).chunk(2, dim=-1)
         return value * torch.sigmoid(gate)
 
@@ -69,6 +70,7 @@ class TwoInputNet(nn.Module):
         self.joint = GatedDense(2 * hidden, hidden)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """([N, in_a], [N, in_b]) → [N, hidden]."""
         return self.joint(torch.cat([self.branch_a(a), self.branch_b(b)], dim=-1))
 
 
@@ -81,6 +83,7 @@ class GaussianHead(nn.Module):
         self.bounds = (min_log_var, max_log_var)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, hidden] → (μ, σ), each [N, M]."""
         return self.mean(h), torch.exp(0.5 * self.log_var(h).clamp(*self.bounds))
 
 
@@ -134,6 +137,7 @@ class HVAE(nn.Module):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's images."""
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
 
     # ------------------------------------------------------------------------------------------
@@ -157,6 +161,7 @@ class HVAE(nn.Module):
     # The networks.
 
     def q_z1(self, b: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(z1 | x, z2): binarized images b [N, H·W] and z2 [N, M] → (μ, σ), each [N, M]."""
         return self.q_z1_head(self.q_z1_net(b, z2))
 
     def decoder_logits(self, z: list[torch.Tensor]) -> torch.Tensor:
@@ -377,7 +382,9 @@ class HVAE(nn.Module):
     # Regularizers: no convs and no BN, so both are 0 and the NVAE loss code runs unchanged.
 
     def spectral_loss(self) -> torch.Tensor:
+        """No spectral penalty for this VAE: 0 (kept so every VAE offers the same calls)."""
         return self.p_x_logits.weight.new_zeros(())
 
     def bn_loss(self) -> torch.Tensor:
+        """No BN penalty for this VAE: 0 (kept so every VAE offers the same calls)."""
         return self.p_x_logits.weight.new_zeros(())

@@ -50,6 +50,8 @@ EnergyFn = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
 class NoiseSource(Protocol):
+    """Where Langevin draws its noise: anything with `sample(shapes, device)`."""
+
     def sample(self, shapes: Sequence[torch.Size], device: torch.device) -> list[torch.Tensor]:
         """One fp32 standard-normal tensor per shape (shapes include the batch dimension)."""
         ...
@@ -66,6 +68,7 @@ class BatchNoise:
         self.generator = generator
 
     def sample(self, shapes: Sequence[torch.Size], device: torch.device) -> list[torch.Tensor]:
+        """One standard-normal tensor per shape, drawn from this source's generator on `device`."""
         return [torch.randn(shape, generator=self.generator, device=device) for shape in shapes]
 
 
@@ -100,6 +103,7 @@ class PerChainNoise:
         return len(self.generators)
 
     def sample(self, shapes: Sequence[torch.Size], device: torch.device) -> list[torch.Tensor]:
+        """One standard-normal tensor per shape [B, ...], row i from chain i's own generator (B = number of chains)."""
         out = []
         for shape in shapes:
             if shape[0] != len(self.generators):

@@ -93,4 +93,5 @@ class LatentEnergy(nn.Module):
 
     @property
     def data_init_done(self) -> bool:
+        """Always True: latent energies have no data-dependent init."""
         return True

@@ -24,7 +24,10 @@ def swish(x: torch.Tensor) -> torch.Tensor:
 
 
 class Swish(nn.Module):
+    """Swish (SiLU) as a module: x·sigmoid(x)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[*] → [*], element-wise x·sigmoid(x)."""
         return F.silu(x)
 
 
@@ -32,6 +35,7 @@ class LipSwish(nn.Module):
     """x·sigmoid(x)/1.1, the 1-Lipschitz Swish of the VAEBM energy networks."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[*] → [*], element-wise x·sigmoid(x)/1.1 (1-Lipschitz)."""
         return F.silu(x) / 1.1
 
 
@@ -143,6 +147,7 @@ class Conv2d(nn.Conv2d):
         self._init_pending = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] → [B, C_out, H', W'] (data-dependent init on the first training call)."""
         if self.training and self._init_pending:  # a Python flag: compiled code holds no branch on a tensor
             self._initialize_if_needed(x)
         weight = self.effective_weight()

@@ -216,7 +216,9 @@ class MLPVAE(nn.Module):
     # Regularizers: no convs and no BN, so both are 0 and the NVAE loss code runs unchanged.
 
     def spectral_loss(self) -> torch.Tensor:
+        """No spectral penalty for this VAE: 0 (kept so every VAE offers the same calls)."""
         return next(self.parameters()).new_zeros(())
 
     def bn_loss(self) -> torch.Tensor:
+        """No BN penalty for this VAE: 0 (kept so every VAE offers the same calls)."""
         return next(self.parameters()).new_zeros(())

@@ -18,4 +18,5 @@ def build_vae(cfg: NVAEConfig | MLPVAEConfig | HVAEConfig):
 
 
 def is_image_model(vae) -> bool:
+    """True if the VAE generates images ([C, H, W]), False for 2-D toy points."""
     return len(vae.image_shape) == 3

@@ -66,6 +66,7 @@ class SamplingOptions:
     autocast: str = "no"
 
     def as_dict(self) -> dict[str, Any]:
+        """The options as a plain dict."""
         return dataclasses.asdict(self)
 
 
@@ -129,6 +130,7 @@ class BundleSampler:
 
     @property
     def kind(self) -> str:
+        """The bundle's kind, from its manifest."""
         return self.manifest["kind"]
 
     @property
@@ -139,6 +141,7 @@ class BundleSampler:
 
     @property
     def is_image(self) -> bool:
+        """True if the bundle's VAE generates images, False for 2-D toy points."""
         return len(self.vae.image_shape) == 3
 
     @property

@@ -53,6 +53,7 @@ class SpectralRegularizer(nn.Module):
 
     @property
     def num_layers(self) -> int:
+        """Number of layers whose spectral norms are regularized."""
         return sum(len(members) for members in self._groups)
 
     def forward(self) -> torch.Tensor:

@@ -35,6 +35,7 @@ from trainer.run.threads import set_threads
 
 
 def nvae_config(name: str):
+    """The NVAE architecture config of the NVAE preset `name` (no data needed)."""
     from trainer.config.loader import load_config
     from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 
@@ -43,6 +44,7 @@ def nvae_config(name: str):
 
 
 def bench_nvae_command(args) -> dict:
+    """`bench.py nvae`: time one NVAE training step, or compare peak memory with checkpointing off and on."""
     if args.compare_checkpointing:
         # Peak memory is a per-process high-water mark: measure each setting in its own process.
         results = {}
@@ -72,6 +74,7 @@ def bench_nvae_command(args) -> dict:
 
 
 def bench_data_command(args) -> dict:
+    """`bench.py data`: the training stream vs a bare tar+decode loop over the same shards (needs index.json)."""
     from trainer.bench.data import bench_data
 
     if not (Path(args.shards) / "index.json").is_file():
@@ -101,6 +104,7 @@ def vaebm_parts(name: str, checkpointing: bool, device):
 
 
 def bench_langevin_command(args) -> dict:
+    """`bench.py langevin`: time Langevin steps of a random VAEBM preset's energy on its NVAE's output."""
     import torch
 
     from trainer.bench.ebm import bench_langevin
@@ -115,6 +119,7 @@ def bench_langevin_command(args) -> dict:
 
 
 def bench_vaebm_step_command(args) -> dict:
+    """`bench.py vaebm-step`: time one energy iteration of a random VAEBM preset, with peak memory per image."""
     import torch
 
     from trainer.bench.ebm import bench_vaebm_step
@@ -126,6 +131,7 @@ def bench_vaebm_step_command(args) -> dict:
 
 
 def bench_sample_command(args) -> dict:
+    """`bench.py sample`: time sampling from an exported bundle."""
     from trainer.bench.sample import bench_sample
 
     if not Path(args.bundle).is_dir():
@@ -134,6 +140,7 @@ def bench_sample_command(args) -> dict:
 
 
 def bench_contention_command(args) -> dict:
+    """`bench.py contention`: NVAE (and quick start) speed per CPU thread setting, idle and busy; --out table."""
     from trainer.bench.contention import bench_contention, markdown_table
 
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -144,6 +151,7 @@ def bench_contention_command(args) -> dict:
 
 
 def gpu_suite_command(args) -> dict:
+    """`bench.py gpu-suite`: run the GPU benchmark suite, or one of its parts in this process."""
     from trainer.bench.gpu_suite import BUDGETS, run_part, run_suite
 
     parts = [p.strip() for p in args.parts.split(",") if p.strip()] if args.parts else list(BUDGETS)
@@ -164,6 +172,7 @@ def cpu_setting(args) -> dict:
 
 
 def main() -> None:
+    """Parse the benchmark subcommand, run it, and print its result as one JSON line."""
     parser = argparse.ArgumentParser(description="Benchmarks (JSON on stdout).")
     sub = parser.add_subparsers(dest="command", required=True)
     cpu = argparse.ArgumentParser(add_help=False)

@@ -22,6 +22,7 @@ from trainer.evaluation import available, experiment_module, summary  # noqa: E4
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options every experiment takes: --out, --run-dir, --quick, --seed."""
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here (atomically)")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep trained models, images and TensorBoard logs here (default: a temporary folder)")
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one evaluation experiment and write its report (JSON with --out); returns the exit code."""
     args = parse_args(argv)
     from trainer.evaluation.report import ExperimentReport
 

@@ -20,6 +20,7 @@ from trainer.cli import run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of export.py."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="an NVAE or VAEBM run directory")
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export a run's checkpoint to an inference bundle (BN statistics readjusted per temperature); returns 0."""
     args = parse_args(argv)
     import torch
 

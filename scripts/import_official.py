@@ -25,6 +25,7 @@ LAYOUTS = ("cifar10", "celeba64", "lsun_church64", "celebahq256")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of import_official.py (subcommands nvae and ebm)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     kinds = parser.add_subparsers(dest="kind", required=True)
     nvae = kinds.add_parser("nvae", help="an official NVAE checkpoint (Gaussian decoder) → NVAE run")
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Import an official NVAE checkpoint or VAEBM energy network into a new run directory; returns 0."""
     args = parse_args(argv)
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.kind == "nvae":

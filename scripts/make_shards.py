@@ -28,6 +28,7 @@ DEFAULT_SIZES = {"digits": 32, "photo-crops": 64}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of make_shards.py."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="image folder (searched recursively) or .zip")
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write shards and index.json from an image folder/zip (--input) or a bundled dataset; returns 0."""
     args = parse_args(argv)
     if args.input is not None:
         if args.size is None:

@@ -49,6 +49,7 @@ def scaled(overrides: list[str], scale: float) -> list[str]:
 
 
 def main() -> int:
+    """Train NVAE, VAEBM and the 25-Gaussians pair on bundled data, then draw quickstart.png and summary.json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--out", default="runs/quickstart", type=Path, help="where the runs and pictures go")

@@ -89,6 +89,7 @@ ROWS = [
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of reproduce.py; resolve --only into the experiments to run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="each experiment's --quick mode")
     parser.add_argument("--out-dir", type=Path, default=Path("runs/reproduce"), help="results, runs and results.md")
@@ -214,6 +215,7 @@ def read_status(out_dir: Path, experiments: tuple[str, ...]) -> dict[str, tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the chosen experiments (or none with --table-only) and write OUT/results.md; 0 if all succeeded."""
     args = parse_args(argv)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log = lambda message: print(message, file=sys.stderr, flush=True)

@@ -43,6 +43,7 @@ SETTINGS = "sampling.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of sample.py."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", type=Path, help="bundle directory written by scripts/export.py")
     parser.add_argument("--n", type=int, required=True, help="number of samples (indices 0 … n−1)")
@@ -96,11 +97,13 @@ def check_settings(out: Path, settings: dict, rank: int) -> None:
 
 
 def batches(items: list, size: int):
+    """Yield consecutive slices of `items` of at most `size` elements."""
     for start in range(0, len(items), size):
         yield items[start:start + size]
 
 
 def write_pngs(out: Path, result, chains: bool) -> None:
+    """Write each sampled image as OUT/INDEX.png (and its chain grid under chains/ first when asked)."""
     import torch
 
     from models.sampler import to_uint8
@@ -115,6 +118,7 @@ def write_pngs(out: Path, result, chains: bool) -> None:
 
 
 def npz_chunk_done(path: Path, indices: list[int]) -> bool:
+    """True if the .npz at `path` exists and holds exactly these sample indices."""
     import numpy as np
 
     try:
@@ -125,6 +129,7 @@ def npz_chunk_done(path: Path, indices: list[int]) -> bool:
 
 
 def write_npz(path: Path, results: list, is_image: bool, chains: bool) -> None:
+    """Write one chunk of samples (images, or points and means; chain frames when asked) to .npz, atomically."""
     import numpy as np
     import torch
 
@@ -144,6 +149,7 @@ def write_npz(path: Path, results: list, is_image: bool, chains: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Draw this process's share of the samples from a bundle, skipping those already on disk; returns 0."""
     args = parse_args(argv)
     if args.n < 0 or args.batch_size < 1 or args.chains_every < 0 or (args.chunk is not None and args.chunk < 1):
         raise UserError("--n must be >= 0, --batch-size >= 1, --chunk >= 1 and --chains-every >= 0")

@@ -54,11 +54,13 @@ def _status(task_dir: Path) -> str:
 
 
 def collect(sweep_dir: Path) -> list[dict]:
+    """One row per task-N directory of a sweep, in task order."""
     tasks = [p for p in sweep_dir.iterdir() if p.is_dir() and re.fullmatch(r"task-\d+", p.name)]
     return [task_row(p) for p in sorted(tasks, key=lambda p: int(p.name.split("-")[1]))]
 
 
 def columns(rows: list[dict]) -> list[str]:
+    """Table columns: task, overrides, status, then the preferred metrics, then the rest sorted."""
     metrics = {key for row in rows for key in row} - {"task", "overrides", "status"}
     return ["task", "overrides", "status"] + [k for k in PREFERRED if k in metrics] \
         + sorted(metrics - set(PREFERRED))
@@ -73,6 +75,7 @@ def _cell(value) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table."""
     cols = columns(rows)
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in rows:
@@ -81,6 +84,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def to_csv(rows: list[dict]) -> str:
+    """The rows as CSV text."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns(rows), extrasaction="ignore")
     writer.writeheader()
@@ -90,6 +94,7 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print a sweep's summary table (and write it with --out); 2 if the sweep has no tasks."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="the sweep's directory (holds task-0, task-1, ...)")
     parser.add_argument("--out", type=Path, default=None, help="write here (.csv: CSV, else Markdown)")

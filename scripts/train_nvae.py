@@ -10,6 +10,7 @@ from trainer.cli import parse_training_args, print_config, run_cli, training_con
 
 
 def main() -> None:
+    """Parse the command line and config, then train (or resume) an NVAE run; --print-config only prints."""
 
     parser = training_parser(__doc__.splitlines()[0], "nvae")
     parser.add_argument("--resume-from", default=None, type=Path, help="a checkpoint of this run to roll back to")

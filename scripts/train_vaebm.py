@@ -13,6 +13,7 @@ from trainer.cli import run_cli
 
 
 def main() -> None:
+    """Parse the command line and config, then train (or resume) an energy run; --print-config only prints."""
     from trainer.cli import parse_training_args, print_config, training_config, training_parser
 
     parser = training_parser(__doc__.splitlines()[0], "vaebm")

@@ -71,6 +71,7 @@ class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
+        """x [B, C, H, W] normalized over every process's batch; returns (y, mean [C], unbiased var [C])."""
         var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)
         local = torch.stack([torch.full_like(mean, x.numel() // x.shape[1]), mean, var])  # [3, C]
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
@@ -89,6 +90,7 @@ class _SyncBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
+        """Gradients of x, weight and bias, with the per-channel sums all-reduced across processes."""
         x, weight, mean, invstd, total = ctx.saved_tensors
         g = grad_y.float()
         x_hat = (x.float() - _channels(mean)) * _channels(invstd)
@@ -121,6 +123,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     synchronized = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] → [B, C, H, W]; global-batch statistics when synchronized on several processes."""
         if self.training and self.synchronized and _process_group_size() > 1:
             return self._synchronized_forward(x)
         if self.training and getattr(_recompute_state, "active", False):
@@ -196,6 +199,7 @@ class FactorizedReduce(nn.Module):
         self.convs = nn.ModuleList(Conv2d(in_channels, size, 1, stride=2, bias=True) for size in sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] → [B, C_out, H/2, W/2]."""
         x = F.silu(x)
         shifted = (x, x[:, :, 1:, 1:], x[:, :, :, 1:], x[:, :, 1:, :])
         return torch.cat([conv(part) for conv, part in zip(self.convs, shifted)], dim=1)
@@ -220,9 +224,11 @@ class _ResidualCell(nn.Module):
     se: nn.Module
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch [B, C_in, H, W] → [B, C_out, H', W']; subclasses implement it."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] → [B, C_out, H', W']: skip(x) + 0.1·SE(branch(x))."""
         return self.skip(x) + RESIDUAL_SCALE * self.se(self.branch(x))
 
 
@@ -246,6 +252,7 @@ class EncoderCell(_ResidualCell):
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] → [B, C_out, H/s, W/s] (s the stride)."""
         x = self.conv1(F.silu(self.bn1(x)))
         return self.conv2(F.silu(self.bn2(x)))
 
@@ -284,6 +291,7 @@ class MBConvCell(_ResidualCell):
         self.se = SqueezeExcite(out_channels) if use_se else nn.Identity()
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] → [B, C_out, H', W'] (H' = 2H when upsampling)."""
         if self.upsample:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         x = self.conv_expand(self.bn_in(x))
@@ -329,5 +337,6 @@ class ELUConv(nn.Module):
         self.elu_after = elu_after
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C_in, H, W] → [B, C_out, H', W']."""
         x = self.conv(F.elu(x))
         return F.elu(x) if self.elu_after else x

@@ -74,6 +74,7 @@ class MaskedConv2d(Conv2d):
             self.log_weight_norm.copy_(torch.log(norm + 1e-2) + math.log(init_scale))
 
     def effective_weight(self) -> torch.Tensor:
+        """The masked kernel, weight-normalized: exp(log_g)·(v⊙m)/‖v⊙m‖."""
         masked = self.weight * self.mask
         return masked * (torch.exp(self.log_weight_norm) / (self._weight_norm(masked) + 1e-5))
 
@@ -94,6 +95,7 @@ class AutoregressiveShift(nn.Module):
         self.conv_mu = MaskedConv2d(hidden, channels, 1, bias=True, mirror=mirror, init_scale=0.1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, L, h, w] → [B, L, h, w]: z − μ(z)."""
         h = F.elu(self.conv_in(z))
         h = F.elu(self.conv_depthwise(h))
         return z - self.conv_mu(F.elu(h))
@@ -108,4 +110,5 @@ class PairedFlow(nn.Module):
         self.backward_cell = AutoregressiveShift(channels, mirror=True)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, L, h, w] → [B, L, h, w]: the causal then the anti-causal shift."""
         return self.backward_cell(self.forward_cell(z))

@@ -200,6 +200,7 @@ class NVAE(BNStatisticsMixin, VampTopMixin, nn.Module):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the model's images."""
         return (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
 
     # ------------------------------------------------------------------------------------------

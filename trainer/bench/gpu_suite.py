@@ -68,6 +68,7 @@ class PartContext:
         self.out_file.write_text(json.dumps(self.figures, indent=1))
 
     def left(self) -> float:
+        """Seconds left before this part's deadline."""
         return self.deadline - time.monotonic()
 
 
@@ -133,6 +134,7 @@ def run_part(name: str, out: Path, tiny: bool, budget: float) -> dict:
 
 
 def environment() -> dict:
+    """Versions of torch, CUDA, Accelerate and DeepSpeed, and the GPU's name."""
     import torch
 
     info = {"torch": torch.__version__, "cuda": torch.version.cuda,
@@ -160,6 +162,7 @@ def tiny_nvae_config():
 
 
 def nvae_preset(name: str):
+    """The NVAE training config of preset `name` (no data needed)."""
     from trainer.config.loader import load_config
     from trainer.config.nvae import NVAETrainingConfig, architecture_dict
 
@@ -203,12 +206,14 @@ def gpu_precision(ctx: PartContext) -> str:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
+    """True if `err` is a CUDA out-of-memory error."""
     import torch
 
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def release_memory() -> None:
+    """Collect garbage and empty the CUDA cache."""
     import torch
 
     gc.collect()
@@ -243,6 +248,7 @@ def largest_batch(fits: Callable[[int], bool], limit: int, deadline: float) -> t
 
 
 def peak_mb(device) -> float:
+    """Peak memory of `device` in MB (after a CUDA synchronize)."""
     import torch
 
     from trainer.run.launch import peak_memory_mb
@@ -253,6 +259,7 @@ def peak_mb(device) -> float:
 
 
 def reset_peak(device) -> None:
+    """Synchronize and reset the peak-memory counter of a CUDA device (no-op elsewhere)."""
     import torch
 
     if device.type == "cuda":
@@ -261,6 +268,7 @@ def reset_peak(device) -> None:
 
 
 def synchronize(device) -> None:
+    """Wait for the CUDA device's queued work (no-op elsewhere)."""
     import torch
 
     if device.type == "cuda":

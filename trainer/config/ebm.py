@@ -15,6 +15,8 @@ LATENT_METHODS = ("latent-tilting", "joint-prior")  # energies whose papers comp
 
 @dataclass
 class VAERef:
+    """The frozen VAE an energy trains against: run or checkpoint, weights, temperature, fine-tuning, BN stats."""
+
     path: str | None = None          # NVAE run directory or checkpoint directory (--vae)
     weights: str = "ema"             # ema (default) or raw weights of the NVAE checkpoint
     temperature: float = 1.0         # prior and decoder temperature of T(ε) during training
@@ -34,6 +36,7 @@ class VAERef:
                                      # statistics and keeps them in every checkpoint: resume and export reuse them)
 
     def validate(self) -> None:
+        """Check the VAE path, weights choice, temperature, fine-tuning rate and BN readjustment settings."""
         if self.path is None:
             raise ValueError("path is required: pass --vae NVAE_RUN_DIR_OR_CHECKPOINT")
         if self.weights not in ("ema", "raw"):
@@ -62,6 +65,8 @@ class VAERef:
 
 @dataclass
 class EBMOptimConfig:
+    """Energy optimizer: Adam settings, element-wise gradient clip, spectral and energy regularizer weights."""
+
     lr: float = 4e-5                 # constant learning rate (Table 8)
     beta1: float = 0.99
     beta2: float = 0.999
@@ -72,6 +77,7 @@ class EBMOptimConfig:
     energy_reg_coeff: float = 0.0    # α_r on mean(E(+)² + E(−)²) (exponential tilting App. B: 0.1)
 
     def validate(self) -> None:
+        """Check the learning rate, betas, weight decay, and that clip and regularizer coefficients are in range."""
         if not 0 < self.lr <= 1:
             raise ValueError(f"lr must be in (0, 1], got {self.lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -85,6 +91,8 @@ class EBMOptimConfig:
 
 @dataclass
 class LangevinConfig:
+    """Langevin negatives: steps, step size, precision, test-time steps, exact resampling and tail starts."""
+
     steps: int = 10                  # K, Langevin steps per training iteration
     step_size: float = 8e-5          # η (the injected noise has std √η)
     use_mu_cd: bool = False          # negatives = decoder mean instead of a decoder sample
@@ -100,6 +108,7 @@ class LangevinConfig:
     tail_std: float = 2.0            # initial std of those chains (test-time chains always start from N(0, I))
 
     def validate(self) -> None:
+        """Check step counts, negatives mode, resample pool, step size, tail fraction and std, and autocast mode."""
         if self.steps < 1 or self.sample_steps < 0:
             raise ValueError("steps must be >= 1 and sample_steps >= 0")
         if self.negatives not in NEGATIVES:
@@ -117,29 +126,37 @@ class LangevinConfig:
 
 @dataclass
 class ReplayConfig:
+    """Replay buffer of persistent ε_z chains: capacity and the annealed replay probability."""
+
     enabled: bool = False            # persistent chains: initialize ε_z from a replay buffer
     capacity: int = 10000            # entries in total, split evenly across processes
     max_p: float = 0.6               # replay probability reached after anneal_steps
     anneal_steps: int = 5000
 
     def validate(self) -> None:
+        """Check that capacity >= 1, anneal_steps >= 0 and max_p is in [0, 1]."""
         if self.capacity < 1 or self.anneal_steps < 0 or not 0 <= self.max_p <= 1:
             raise ValueError("capacity must be >= 1, anneal_steps >= 0 and max_p in [0, 1]")
 
 
 @dataclass
 class DivergenceConfig:
+    """Divergence guard of energy training: energy and gap thresholds and the patience for bad steps."""
+
     max_abs_energy: float = 1e4      # |mean E+| or |mean E−| beyond this counts as a bad step
     max_energy_gap: float = 1e3      # |mean E+ − mean E−| beyond this counts as a bad step
     patience: int = 5                # consecutive bad steps (or non-finite steps) that mean divergence
 
     def validate(self) -> None:
+        """Check that both thresholds are in (0, 1e30] and patience >= 1."""
         if not (0 < self.max_abs_energy <= 1e30 and 0 < self.max_energy_gap <= 1e30) or self.patience < 1:
             raise ValueError("max_abs_energy and max_energy_gap must be in (0, 1e30] and patience >= 1")
 
 
 @dataclass
 class VAEBMTrainingConfig:
+    """Energy training (VAEBM, latent tilting, joint prior) against a frozen VAE: the whole config tree."""
+
     method: str = "vaebm"            # vaebm (pixel energy, moves ε_z and ε_x), latent-tilting (energy on the
                                      # decoder mean, moves ε_z), joint-prior (energy on the latents, moves ε_z)
     energy: EnergyNetConfig = field(default_factory=EnergyNetConfig)
@@ -154,6 +171,7 @@ class VAEBMTrainingConfig:
     data_init_batches: int = 5       # batches stacked for the energy's data-dependent init
 
     def validate(self) -> None:
+        """Check the method against the energy kind, fine-tuning, layout, init batches, tail starts and resampling."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if (self.method == "joint-prior") != (self.energy.kind == "latent"):

@@ -186,6 +186,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def list_presets(kind: str) -> list[str]:
+    """Names of the presets of one kind (a folder under trainer/presets/), sorted."""
     return sorted(p.stem for p in (PRESET_DIR / kind).glob("*.yaml"))
 
 

@@ -16,6 +16,8 @@ from trainer.errors import UserError
 
 @dataclass
 class NVAEOptimConfig:
+    """NVAE optimizer: Adamax with linear warm-up and cosine decay, weight decay and eps."""
+
     lr: float = 1e-2                 # Adamax peak learning rate
     lr_min: float = 1e-4             # end of the cosine decay
     warmup_steps: int = 100          # linear warm-up from 0
@@ -23,6 +25,7 @@ class NVAEOptimConfig:
     eps: float = 1e-3                # Adamax eps (NVAE uses 1e-3)
 
     def validate(self) -> None:
+        """Check lr in (0, 1], lr_min in [0, lr], warmup_steps >= 0, weight_decay in [0, 1] and eps in (0, 1]."""
         if not 0 < self.lr <= 1 or self.lr_min < 0 or self.lr_min > self.lr:
             raise ValueError(f"lr must be in (0, 1] and lr_min in [0, lr], got lr={self.lr}, lr_min={self.lr_min}")
         if self.warmup_steps < 0:
@@ -35,6 +38,8 @@ class NVAEOptimConfig:
 
 @dataclass
 class NVAELossConfig:
+    """NVAE loss schedule: KL warm-up and balancing, and the (optionally annealed) spectral + BN penalty."""
+
     kl_anneal_portion: float = 0.3   # KL warm-up: β rises linearly over this fraction of max_steps
     kl_const_portion: float = 1e-4   # ...after holding at kl_min_coeff for this fraction
     kl_min_coeff: float = 1e-4
@@ -44,6 +49,7 @@ class NVAELossConfig:
     spectral_anneal: bool = False    # anneal λ geometrically from init to final with β
 
     def validate(self) -> None:
+        """Check the KL warm-up fractions and coefficient are in range and the spectral coefficients <= MAX_COEFF."""
         if not 0 < self.kl_anneal_portion <= 1:
             raise ValueError(f"kl_anneal_portion must be in (0, 1], got {self.kl_anneal_portion}")
         if not 0 <= self.kl_const_portion <= 1 or not 0 <= self.kl_min_coeff <= 1:
@@ -56,10 +62,13 @@ class NVAELossConfig:
 
 @dataclass
 class NVAEDivergenceConfig:
+    """Divergence guard of VAE pretraining: how many consecutive non-finite steps mean divergence."""
+
     patience: int = 5                # consecutive steps with a non-finite loss or gradient (or non-finite weights
                                      # at a checkpoint) that mean divergence; a single one is skipped and counted
 
     def validate(self) -> None:
+        """Check that patience >= 1."""
         if self.patience < 1:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
 
@@ -78,6 +87,7 @@ class NVAETrainingConfig:
     divergence: NVAEDivergenceConfig = field(default_factory=NVAEDivergenceConfig)
 
     def validate(self) -> None:
+        """Check the model kind fits the data (MLP VAE for toys), no KL balancing for HVAE, equal image sizes."""
         if isinstance(self.model, MLPVAEConfig):
             if not self.data.is_toy:
                 raise ValueError("an MLP VAE (model.data_dim) trains on 2-D toy data: set data.dataset to "

@@ -66,7 +66,9 @@ class GeneratorFinetuner:
         return {**terms, "finetune/loss": float(loss.detach()), "finetune/skipped": float(not finite)}
 
     def state_dict(self) -> dict:
+        """The VAE optimizer's state, for checkpoints."""
         return {"optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the VAE optimizer's state from a checkpoint."""
         self.optimizer.load_state_dict(state["optimizer"])

@@ -4,9 +4,9 @@ latent-space methods (`method`: vaebm, latent-tilting, joint-prior; `models/adap
 
 Each iteration: initial noise (ε_z from the replay buffer with probability p, else fresh, a share
 `langevin.tail_fraction` of it from the prior's tails; ε_x always fresh where the method moves it)
-→ K Langevin steps on U(ε) = E_ψ(part of T_θ(ε)) + ½‖ε‖² → negatives (what the energy scores of the
-final ε) → loss mean E(+) − mean E(−) + α_s·Σσ + α_r·(E(+)² + E(−)²) → element-wise clip → Adam step
-→ push ε_z. Positives are data (VAEBM, tilting) or z ~ q(z|x) (joint prior).
+→ K Langevin steps on U(ε) = E_ψ(part of T_θ(ε)) + ½‖ε‖² → negatives (what the energy scores of
+the final ε) → loss mean E(+) − mean E(−) + α_s·Σσ + α_r·(E(+)² + E(−)²) → element-wise clip
+→ Adam step → push ε_z. Positives are data (VAEBM, tilting) or z ~ q(z|x) (joint prior).
 
 Chains are independent across processes (their noise is seeded per (seed, rank, step)); the energy's
 gradients are all-reduced by DDP. With `data.split=global` every process draws the chains' noise for the
@@ -119,8 +119,8 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
         seed_everything(process_seed(cfg.train.seed, rank))
         init = torch.cat([batch_inputs(next(batches)) for _ in range(cfg.data_init_batches)]).to(device)
         net.initialize_from_data(adapter.positives(init))  # statistics all-reduced across processes
-    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step, accelerator=accelerator,
-                         project=cfg.train.tracker_project)
+    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step,
+                         accelerator=accelerator, project=cfg.train.tracker_project)
     for note in notes:
         monitor.log(note)
     fid = make_training_fid(cfg, is_image_model(vae), accelerator, monitor.log)
@@ -339,9 +339,10 @@ def start_in_the_tails(adapter: NoiseEnergy, noise: list[torch.Tensor], rows: Ba
 
 @torch.no_grad()
 def resampled_negatives(adapter: NoiseEnergy, batch: int, pool: int, generator: torch.Generator):
-    """Exact negatives for 2-D toys (`langevin.negatives: resample`): `batch` draws from h ∝ p_vae·exp(−E), by
-    importance resampling `pool` fresh VAE samples with weights exp(−E(x)) (self-normalized; exact as the pool
-    grows). Returns (a `LangevinResult` holding the chosen noise, no steps taken, and the chosen negatives)."""
+    """Exact negatives for 2-D toys (`langevin.negatives: resample`): `batch` draws from
+    h ∝ p_vae·exp(−E), by importance resampling `pool` fresh VAE samples with weights exp(−E(x))
+    (self-normalized; exact as the pool grows). Returns (a `LangevinResult` holding the chosen noise,
+    no steps taken, and the chosen negatives)."""
     device = generator.device
     noise = adapter.initial_noise(pool, generator, device)
     candidates = adapter.negatives(noise)

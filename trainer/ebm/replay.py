@@ -129,6 +129,7 @@ class ReplayBuffer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore the stored chains, fill and position; ValueError if the shapes or capacity differ."""
         shapes = [tuple(s) for s in state["shapes"]]
         if shapes != self.shapes or int(state["capacity"]) != self.capacity:
             raise ValueError(

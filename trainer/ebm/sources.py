@@ -151,12 +151,14 @@ class FrozenBN:
 
     @property
     def record(self) -> dict:
+        """The BN statistics in use as a JSON record (readjusted or not, and with which settings)."""
         if self.temperature is None:
             return {"readjusted": False}
         return {"readjusted": True, "temperature": self.temperature, "passes": self.passes,
                 "batch_size": self.batch_size, "seed": self.seed}
 
     def describe(self) -> str:
+        """The BN statistics in use, in words, for the log."""
         if self.temperature is None:
             return "BN statistics as trained"
         return (f"BN statistics readjusted at t={self.temperature:g} ({self.passes} passes of {self.batch_size}, "

@@ -81,6 +81,7 @@ class DigitClassifier:
 
     @torch.no_grad()
     def logits(self, images, batch_size: int = 512) -> torch.Tensor:
+        """Class logits [N, 10] of uint8 images (grey or RGB, see `to_gray`), in chunks of `batch_size`."""
         x = to_gray(images)
         return torch.cat([self.net(chunk) for chunk in x.split(batch_size)])
 

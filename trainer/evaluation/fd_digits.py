@@ -20,10 +20,12 @@ FULL = {"image_size": 16, "nvae_steps": 3000, "vaebm_steps": 600, "samples": 100
 
 
 def add_arguments(parser) -> None:
+    """Add the experiment's options (the shared ones of the digit experiments)."""
     common.add_arguments(parser, samples_help="samples of each model (NVAE and VAEBM)")
 
 
 def run(args, report) -> dict:
+    """Train NVAE and VAEBM on digits; Fréchet distances of their samples (and train set) to held-out digits."""
     import torch
 
     from data.bundled import load_digits_split

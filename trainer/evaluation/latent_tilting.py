@@ -80,6 +80,8 @@ DIGIT_KEYS = ("digits_base_fd", "digits_tilted_fd", "digits_base_fd_train_bn", "
 
 @dataclass
 class Settings:
+    """Sizes of the experiment's trainings and evaluations (QUICK and FULL, overridable by flags)."""
+
     vae_steps: int                          # MLP VAE training steps
     ebm_steps: int                          # tilt training iterations
     ebm_batch: int                          # tilt batch size
@@ -120,6 +122,7 @@ FLOATS = ("tail_fraction", "grid_step", "grid_extent")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the experiment's options: each setting, the toys, the digits switch and the models folder."""
     for item in fields(Settings):
         parser.add_argument("--" + item.name.replace("_", "-"), type=float if item.name in FLOATS else int,
                             default=None,
@@ -132,6 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
+    """The settings for --quick or full with the flags applied; UserError on an out-of-range value."""
     settings = replace(QUICK if args.quick else FULL,
                        **{f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None})
     for name, value in asdict(settings).items():
@@ -150,6 +154,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace, report) -> dict:
+    """Compare each VAE with its tilted prior on the toys (and digits) for every seed; returns the summary."""
     settings = resolve_settings(args)
     toys = [name.strip() for name in args.datasets.split(",") if name.strip()]
     unknown = [name for name in toys if name not in TOYS]

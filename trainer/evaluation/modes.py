@@ -26,6 +26,7 @@ FULL = {"image_size": 16, "nvae_steps": 4000, "vaebm_steps": 600, "samples": 100
 
 
 def add_arguments(parser) -> None:
+    """Add the experiment's options (the shared ones, plus the optional training curve)."""
     common.add_arguments(parser, samples_help="samples of each model to classify (paper: >= 10,000)")
     parser.add_argument("--curve", default=None, metavar="N,N,...",
                         help="also measure VAEBM after these energy iterations (one run, checkpoints kept at each; "
@@ -61,6 +62,7 @@ def classify_channels(judge, images) -> np.ndarray:
 
 
 def run(args, report) -> dict:
+    """Train NVAE and VAEBM on stacked digits; modes hit and KL to uniform for data and each (and a curve)."""
     import torch
 
     from data.bundled import load_stacked_digits

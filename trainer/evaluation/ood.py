@@ -34,6 +34,7 @@ OOD_SETS = ("photos", "noise", "interp", "constant", "inverted")
 
 
 def add_arguments(parser) -> None:
+    """Add the experiment's options (the shared ones, plus the IWAE sample count)."""
     common.add_arguments(parser, samples_help="images in each OOD set (default: as many as held-out digits, 359)")
     parser.add_argument("--iwae-samples", type=int, default=None,
                         help=f"posterior samples of the IWAE bound (default: {IWAE_SAMPLES['quick']} quick, "
@@ -80,6 +81,7 @@ def ood_sets(held_out: np.ndarray, size: int, count: int, seed: int) -> dict[str
 
 
 def run(args, report) -> dict:
+    """Train NVAE and VAEBM on digits; AUROCs of held-out digits vs each OOD set by their log-density scores."""
     from data.bundled import load_digits_split
     from trainer.errors import UserError
     from trainer.evaluation.train_models import sampler_for

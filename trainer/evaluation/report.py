@@ -22,6 +22,8 @@ from models.files import atomic_write_json
 
 
 class ExperimentReport:
+    """One experiment's log, images, TensorBoard and JSON result, in a run directory (temporary if none given)."""
+
     def __init__(self, name: str, out: Path | None, run_dir: Path | None):
         self.name, self.out = name, out
         self._temporary = run_dir is None
@@ -42,6 +44,7 @@ class ExperimentReport:
         return path
 
     def log(self, message: str) -> None:
+        """A timestamped line to stderr (and to log.txt when the run directory is kept)."""
         line = f"[{self.name} {time.perf_counter() - self._started:6.0f}s] {message}"
         print(line, file=sys.stderr, flush=True)
         if self.keep_files:

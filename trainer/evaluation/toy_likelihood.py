@@ -54,6 +54,8 @@ PLOT_EXTENT = 3.0  # the density images show [−3, 3]²: the modes sit at −2 
 
 @dataclass
 class Settings:
+    """Sizes of the experiment's trainings and evaluations (QUICK and FULL, overridable by flags)."""
+
     vae_steps: int | None          # NVAE-trainer steps for the MLP VAE (None: the preset's train.max_steps)
     ebm_steps: int | None          # VAEBM-trainer steps for the energy (None: the preset's)
     test_points: int               # held-out points from the true mixture
@@ -73,6 +75,7 @@ QUICK = Settings(vae_steps=None, ebm_steps=None, test_points=2_000, iwae_samples
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the experiment's options: each setting, training overrides and the reference switch."""
     for item in fields(Settings):
         flag = "--" + item.name.replace("_", "-")
         kind = float if item.name in ("grid_step", "grid_extent") else int
@@ -89,6 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
+    """The settings for --quick or full with the flags applied; UserError on an out-of-range value."""
     settings = replace(QUICK if args.quick else FULL,
                        **{f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None})
     for name in ("test_points", "iwae_samples", "log_z_samples", "grid_iwae_samples", "plot_points", "seeds"):
@@ -103,6 +107,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 
 
 def run(args: argparse.Namespace, report) -> dict:
+    """Train VAE and VAEBM on 25-Gaussians per seed; returns the test log-likelihoods and their summary."""
     settings = resolve_settings(args)
     seeds = [args.seed + k for k in range(settings.seeds)]
     per_seed = [evaluate_seed(seed, settings, args, report, figures=(seed == seeds[0])) for seed in seeds]

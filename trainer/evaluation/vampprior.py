@@ -45,6 +45,8 @@ ACTIVE_THRESHOLD = 0.01  # Burda et al.: a unit is active when the covariance of
 
 @dataclass
 class Settings:
+    """Sizes of the experiment's trainings and evaluations (QUICK and FULL, overridable by flags)."""
+
     steps: int | None  # training steps per model (None: the preset's train.max_steps)
     test_points: int   # held-out test images scored (at most the 360 of digits-test)
     is_samples: int    # importance samples per test image for the log-likelihood
@@ -57,6 +59,7 @@ QUICK = Settings(steps=1_500, test_points=360, is_samples=500, elbo_draws=20, au
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the experiment's options: each setting and training overrides."""
     for item in fields(Settings):
         flag = "--" + item.name.replace("_", "-")
         parser.add_argument(flag, type=int, default=None,
@@ -66,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
+    """The settings for --quick or full with the flags applied; UserError on a value below 1."""
     settings = replace(QUICK if args.quick else FULL,
                        **{f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None})
     for item in fields(Settings):
@@ -107,6 +111,7 @@ def score(model, x: torch.Tensor, settings: Settings, seed: int) -> dict[str, fl
 
 
 def run(args: argparse.Namespace, report) -> dict:
+    """Train VAE and HVAE with standard and VampPrior priors; returns test log-likelihoods and ELBOs."""
     from trainer.ebm.sources import load_frozen_vae
     from trainer.evaluation.train_models import nvae_config, train_nvae_run
 

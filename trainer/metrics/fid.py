@@ -149,9 +149,11 @@ class FidEvaluator:
             images, self.extractor, file_digest(self.weights), cache_dir, batch_size, log)
 
     def features(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Inception features [N, 2048] of uint8 image batches [B, 3, H, W]."""
         return extract_features(self.extractor, batches)
 
     def evaluate(self, sample_fn: Callable[[int, int], torch.Tensor], n: int, seed: int = 0) -> dict:
+        """FID and KID of `n` samples from `sample_fn(start, count)` against the reference; global RNG untouched."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             batches = (as_uint8_rgb(sample_fn(start, min(self.batch_size, n - start)))

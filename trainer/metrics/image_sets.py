@@ -47,6 +47,7 @@ class ImageSet:
     skipped: int = 0                            # unreadable shard samples seen so far
 
     def read(self) -> Iterator[np.ndarray]:
+        """The images one by one as uint8 [H, W, 3], at most `max_images`."""
         return islice(self.read_all(), self.max_images)
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
@@ -80,6 +81,7 @@ class ImageSet:
         return digest.hexdigest()
 
     def describe(self) -> str:
+        """The set in words: kind, path and cap."""
         cap = f", first {self.max_images}" if self.max_images is not None else ""
         return f"{self.kind} {self.path}{cap}"
 
@@ -90,6 +92,7 @@ def _stack(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def is_bundle(path: Path) -> bool:
+    """True if `path` is an inference bundle directory (it holds the bundle manifest)."""
     return Path(path).is_dir() and (Path(path) / BUNDLE_MANIFEST).is_file()
 
 

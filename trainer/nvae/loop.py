@@ -95,8 +95,8 @@ def _train_nvae(cfg: NVAETrainingConfig, run: OwnedRun, launch: Launch, resume_f
                        detector)
     else:
         seed_everything(process_seed(cfg.train.seed, accelerator.process_index))
-    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step, accelerator=accelerator,
-                         project=cfg.train.tracker_project)
+    monitor = RunMonitor(run_dir, enabled=accelerator.is_main_process, resume_step=step,
+                         accelerator=accelerator, project=cfg.train.tracker_project)
     for note in notes:
         monitor.log(note)
     fid = make_training_fid(cfg, fixed is not None, accelerator, monitor.log)

@@ -55,6 +55,7 @@ def _first_line(err: Exception) -> str:
 
 
 def tensor_dict(value: Any, where: str) -> dict[str, torch.Tensor]:
+    """`value` if it is a non-empty dict of tensors; UserError naming `where` otherwise."""
     if not isinstance(value, dict) or not value or not all(isinstance(v, torch.Tensor) for v in value.values()):
         raise UserError(f"{where} is not a state dict of tensors")
     return value

@@ -46,6 +46,7 @@ def energy_only(name: str) -> bool:
 
 def energy_config(layout: str, n_channel: int, in_channels: int, input_range: str = "0..1",
                   data_init: bool = True) -> EnergyNetConfig:
+    """The conv energy config that matches an official VAEBM network (layout, channels, input range)."""
     return EnergyNetConfig(kind="conv", layout=layout, base_channels=n_channel, in_channels=in_channels,
                            data_init=data_init, input_range=input_range)
 

@@ -59,6 +59,7 @@ class CorruptCheckpoint(UserError):
 
 
 def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint at `step` (step-0001234)."""
     return f"step-{step:07d}"
 
 
@@ -75,6 +76,7 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None if it has none."""
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][1] if checkpoints else None
 
@@ -95,6 +97,7 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_torch(path: Path, obj: Any) -> None:
+    """Write `obj` with torch.save, atomically."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -109,6 +112,7 @@ def read_torch(path: Path) -> Any:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors; UserError if it is missing or invalid."""
     try:
         return load_file(str(path))
     except FileNotFoundError:
@@ -118,6 +122,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> Any:
+    """Load a UTF-8 JSON file; UserError if it is missing or invalid."""
     try:
         return json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
@@ -131,6 +136,7 @@ def read_json(path: Path) -> Any:
 
 
 def rng_state() -> dict:
+    """Snapshot of the torch, Python, NumPy (and CUDA) RNG states, as tensors and plain values only."""
     np_state = np.random.get_state()
     version, internal, gauss = random.getstate()
     state = {
@@ -144,6 +150,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore the RNG states captured by `rng_state`."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -311,18 +318,23 @@ class Checkpoint:
         return dict(self.manifest.get("sha256") or {})
 
     def has(self, name: str) -> bool:
+        """True if the checkpoint holds the file `name`."""
         return (self.path / name).is_file()
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of the safetensors file `name`."""
         return read_tensors(self.path / name)
 
     def json(self, name: str) -> Any:
+        """The parsed JSON file `name`."""
         return read_json(self.path / name)
 
     def torch(self, name: str) -> Any:
+        """The torch file `name`, loaded with weights_only."""
         return read_torch(self.path / name)
 
     def rank_file(self, rank: int, name: str) -> Path:
+        """Path of the per-rank file `name` of process `rank`."""
         return self.path / f"rank-{rank}" / name
 
     def state(self) -> dict:

@@ -101,6 +101,7 @@ class SlicedNoise:
         self.generator, self.rows = generator, rows
 
     def sample(self, shapes: Sequence[torch.Size], device: torch.device) -> list[torch.Tensor]:
+        """One standard-normal tensor [stop − start, *shape[1:]] per shape: this process's rows of a global draw."""
         return sliced_noise([shape[1:] for shape in shapes], self.rows, self.generator, device)
 
 

@@ -18,17 +18,22 @@ from trainer.errors import TrainingDiverged
 
 @dataclass
 class Divergence:
+    """A declared divergence: where it was declared, where the bad streak began, and what went bad."""
+
     step: int          # the step at which it was declared
     onset: int         # the first bad step of the streak
     metric: str
     value: float
 
     def message(self) -> str:
+        """One line for the log and the error: the step, the bad metric and value, and the onset."""
         return (f"training diverged at step {self.step}: {self.metric} = {self.value:.4g} "
                 f"(bad since step {self.onset})")
 
 
 class DivergenceDetector:
+    """Counts consecutive bad steps (non-finite or beyond threshold) and declares divergence after `patience`."""
+
     def __init__(self, max_abs_energy: float = math.inf, max_energy_gap: float = math.inf, patience: int = 5):
         self.max_abs_energy, self.max_energy_gap, self.patience = max_abs_energy, max_energy_gap, patience
         self.streak = 0
@@ -37,6 +42,7 @@ class DivergenceDetector:
 
     @property
     def in_bad_streak(self) -> bool:
+        """True while the last recorded step was bad."""
         return self.streak > 0
 
     def check(self, step: int, energy_pos: float, energy_neg: float, grads_finite: bool = True,
@@ -85,6 +91,7 @@ class DivergenceDetector:
         return None
 
     def state_dict(self) -> dict:
+        """The streak and its onset, for a checkpoint's state.json."""
         return {"streak": self.streak, "onset": self.onset}
 
     def load_state_dict(self, state: dict) -> None:

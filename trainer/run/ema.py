@@ -20,6 +20,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One EMA step of the parameters towards `model`'s; buffers are copied."""
         shadow_params = [p for p in self.shadow.parameters()]
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(shadow_params, params, 1.0 - self.decay)
@@ -27,7 +28,9 @@ class EMA:
             shadow_buffer.copy_(buffer)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadow model's state dict."""
         return self.shadow.state_dict()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the shadow model's state dict."""
         self.shadow.load_state_dict(state)

@@ -19,6 +19,8 @@ from trainer.run.collective import collective_rows
 
 
 class TrainingFid:
+    """In-training FID/KID: when it is due, and the collective evaluation (main process scores)."""
+
     def __init__(self, eval_cfg, reference: Path | ShardLocation, cache_dir: Path, accelerator,
                  log: Callable[[str], None]):
         self.cfg, self.accelerator = eval_cfg, accelerator
@@ -31,6 +33,7 @@ class TrainingFid:
                                           kid_subset_size=eval_cfg.fid_kid_subset_size, log=log)
 
     def due(self, step: int, stop_step: int) -> bool:
+        """True at every `fid_every` steps and at the final step (never if FID is off)."""
         return bool(self.cfg.fid_every) and (step % self.cfg.fid_every == 0 or step == stop_step)
 
     @torch.no_grad()

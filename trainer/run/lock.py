@@ -49,12 +49,14 @@ class Holder:
 
     @staticmethod
     def of_this_process(heartbeat: float) -> "Holder":
+        """The holder record of this process (host, PID and its start, namespace, SLURM job) with a new token."""
         return Holder(host=socket.gethostname(), pid=os.getpid(), since=time.time(), token=secrets.token_hex(8),
                       pid_start=process_start(os.getpid()), pid_ns=pid_namespace(), heartbeat=heartbeat,
                       slurm_job_id=os.environ.get("SLURM_JOB_ID"),
                       slurm_restart_count=os.environ.get("SLURM_RESTART_COUNT", "0"))
 
     def as_dict(self) -> dict:
+        """The record as JSON-ready values, with the acquisition time also in UTC text."""
         return {"host": self.host, "pid": self.pid, "since": self.since, "token": self.token,
                 "pid_start": self.pid_start, "pid_ns": self.pid_ns, "heartbeat": self.heartbeat,
                 "slurm_job_id": self.slurm_job_id, "slurm_restart_count": self.slurm_restart_count,
@@ -73,6 +75,7 @@ class Holder:
             return None
 
     def describe(self) -> str:
+        """The holder in words for messages: host, PID, SLURM job, since when."""
         job = f", SLURM job {self.slurm_job_id}" if self.slurm_job_id else ""
         since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
         return f"host {self.host}, PID {self.pid}{job}, since {since}"
@@ -96,6 +99,7 @@ def pid_namespace() -> str | None:
 
 
 def process_alive(pid: int) -> bool:
+    """True if a process with this PID exists on this host (even if owned by another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

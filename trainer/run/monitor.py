@@ -20,6 +20,8 @@ from trainer.run.trackers import log_image, log_scalars, start_trackers
 
 
 class RunMonitor:
+    """log.txt, stats.jsonl, TensorBoard and trackers of one run; everything is a no-op where not enabled."""
+
     def __init__(self, run_dir: Path, *, enabled: bool, resume_step: int = 0, accelerator=None,
                  project: str = "vaebm-trainer"):
         self.run_dir = Path(run_dir)
@@ -90,6 +92,7 @@ class RunMonitor:
             log_image(self.trackers, tag, grid.permute(1, 2, 0).numpy(), png, step)
 
     def close(self) -> None:
+        """Close TensorBoard and log.txt (main process)."""
         if self.enabled:
             self.tb.close()  # the trackers are finished by `accelerator.end_training()`
             self.log_file.close()
@@ -126,6 +129,7 @@ class Progress:
         self.images, self.since = 0, time.perf_counter()
 
     def close(self) -> None:
+        """Close the progress bar."""
         self.bar.close()
 
 

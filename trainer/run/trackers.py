@@ -72,6 +72,7 @@ def start_trackers(accelerator, run_dir: Path, project: str) -> list:
 
 
 def log_scalars(trackers: list, values: dict[str, float], step: int) -> None:
+    """Log scalar `values` at `step` to every tracker."""
     for tracker in trackers:
         tracker.log(values, step=step)
 
