@@ -40,9 +40,6 @@ def test_quickstart_on_a_small_budget_writes_its_picture_and_shares(tmp_path):
     assert summary["toy_data_near_mode"] > 0.9  # the truth's own points: the near-mode measure works
     picture = np.asarray(Image.open(out / "quickstart.png"))
     assert picture.shape[1] >= 12 * CELL and picture.shape[0] >= 6 * CELL and picture.std() > 20
-    # Re-running finds every stage finished and only redraws.
-    again = run_script("quickstart.py", "--out", str(out), "--scale", "0.005", timeout=900)
-    assert "recognizable digits" in again.stderr
 
 
 @pytest.mark.slow
