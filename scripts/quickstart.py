@@ -42,8 +42,6 @@ CONFIDENT = 0.9            # a sample is "recognizable" when the classifier's to
 
 def scaled(overrides: list[str], scale: float) -> list[str]:
     """The overrides with `train.max_steps` multiplied by `scale` (at least 2 steps)."""
-    if scale == 1.0:
-        return overrides
     return [f"train.max_steps={max(2, round(int(o.split('=')[1]) * scale))}" if o.startswith("train.max_steps=")
             else o for o in overrides]
 

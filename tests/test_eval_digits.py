@@ -185,3 +185,23 @@ def test_fd_digits_end_to_end(tmp_path):
     # The models sit in the models folder, keyed by their config: a second run reuses them.
     runs = sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "models").iterdir() if p.name[0] != ".")
     assert runs == ["digit", "nvae", "vaebm"]
+
+
+@pytest.mark.slow
+def test_modes_curve_end_to_end(tmp_path):
+    """A tiny stacked-digits modes run with `--curve 1,2`: one energy run, measured at iteration 1 from its
+    checkpoint and at iteration 2 (the headline); the curve's last point is the headline's numbers."""
+    out = tmp_path / "modes.json"
+    tiny = ["train.global_batch_size=8", "train.per_device_batch_size=8"]
+    command = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "modes", "--quick", "--out", str(out),
+               "--run-dir", str(tmp_path / "run"), "--data-cache", str(tmp_path / "data"), "--nvae-steps", "2",
+               "--curve", "2,1", "--samples", "24", "--sample-steps", "2", "--bn-passes", "2",
+               *[f"--nvae-set={o}" for o in tiny], *[f"--vaebm-set={o}" for o in tiny], "--vaebm-set=data_init_batches=1"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["vaebm_steps"] == 2 and [p["energy_iterations"] for p in result["curve"]] == [1, 2]
+    assert result["curve"][-1] == {"energy_iterations": 2, "vaebm_modes": result["vaebm_modes"],
+                                   "vaebm_kl": result["vaebm_kl"]}
+    assert all(1 <= p["vaebm_modes"] <= 24 and p["vaebm_kl"] >= 0 for p in result["curve"])
