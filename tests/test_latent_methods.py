@@ -127,7 +127,7 @@ def test_tail_chains_start_a_share_of_the_fresh_chains_in_the_prior_tails():
     from types import SimpleNamespace
 
     from trainer.config.ebm import LangevinConfig
-    from trainer.ebm.loop import negative_samples, start_in_the_tails
+    from trainer.ebm.negatives import negative_samples, start_in_the_tails
     from trainer.run.collective import BatchRows
 
     generator = torch.Generator().manual_seed(0)

@@ -304,7 +304,7 @@ def test_langevin_holds_the_component_and_moves_the_rest(method):
 def test_training_chains_and_bundle_sampler_keep_the_component():
     from models.sampler import BundleSampler
     from trainer.config.ebm import LangevinConfig
-    from trainer.ebm.loop import negative_samples
+    from trainer.ebm.negatives import negative_samples
     from trainer.run.collective import BatchRows
 
     model = tiny(pseudo_inputs=4).eval().requires_grad_(False)

@@ -28,10 +28,11 @@ import torch
 
 from models.adapters import NoiseEnergy, build_adapter
 from models.energy import build_energy
-from models.langevin import LangevinResult, langevin, seeded_chains
+from models.langevin import LangevinResult, seeded_chains
 from models.registry import is_image_model
 from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.ebm.finetune import GeneratorFinetuner
+from trainer.ebm.negatives import negative_samples
 from trainer.ebm.objective import clip_to_adam_rms, ebm_loss
 from trainer.ebm.replay import ReplayBuffer, replay_probability
 from trainer.ebm.sources import FrozenBN, check_vae_fits_data, frozen_bn, load_frozen_vae, pin_vae
@@ -39,7 +40,7 @@ from trainer.errors import UserError
 from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save,
                                     first_non_finite, is_imported, latest_checkpoint, load_state,
                                     restore_process_state, rng_state, select_resume_checkpoint)
-from trainer.run.collective import (BatchRows, SlicedNoise, any_rank, collective_rows, main_then_share,
+from trainer.run.collective import (BatchRows, any_rank, collective_rows, main_then_share,
                                     mean_across_ranks, sliced_noise, tensor_broadcaster)
 from trainer.run.divergence import Divergence, DivergenceDetector, stop_diverged
 from trainer.run.fid import chain_sample_fn, log_fid, make_training_fid
@@ -289,69 +290,6 @@ class EnergyUpdate:
         scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
         return StepResult(float(loss.detach()), terms, chains, p, clip_fraction, grads_finite, images,
                           skipped, finetune_terms, scale)
-
-
-def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: int, p: float,
-                     generator: torch.Generator, langevin_cfg, autocast_dtype=None,
-                     rows: BatchRows | None = None):
-    """Initial noise (ε_z from the buffer with probability p, else fresh; ε_x, where the method moves it,
-    always fresh), K Langevin steps, and the negatives: what the energy scores of the final noise (for
-    VAEBM x− [B, C, H, W], the decoder mean with `use_mu_cd`, else the sample).
-
-    `rows`: this process's chains of the global micro-batch (data.split=global); fresh and Langevin noise
-    are drawn for all `rows.total` chains and sliced. Default: the `batch` chains are this process's own.
-    """
-    device = generator.device
-    rows = rows or BatchRows(0, batch, batch)
-    if langevin_cfg.negatives == "resample":
-        return resampled_negatives(adapter, batch, langevin_cfg.resample_pool, generator)
-    if buffer is not None:  # per-process entries: these chains depend on the number of processes
-        eps_z, _ = buffer.draw(batch, p, generator, device)
-        noise = adapter.chain_noise(eps_z, generator)
-    else:
-        noise = [n[rows.start:rows.stop] for n in adapter.initial_noise(rows.total, generator, device)]
-        noise = start_in_the_tails(adapter, noise, rows, langevin_cfg.tail_fraction, langevin_cfg.tail_std)
-    chains = langevin(noise, adapter, langevin_cfg.steps, langevin_cfg.step_size,
-                      SlicedNoise(generator, rows), autocast_dtype=autocast_dtype)
-    with torch.no_grad():
-        negatives = adapter.negatives(chains.noise, use_mean=langevin_cfg.use_mu_cd)
-    return chains, negatives
-
-
-def start_in_the_tails(adapter: NoiseEnergy, noise: list[torch.Tensor], rows: BatchRows, fraction: float,
-                       std: float) -> list[torch.Tensor]:
-    """Fresh chains whose global index is below `fraction`·rows.total start from N(0, std² I) in ε_z
-    (`langevin.tail_fraction`, `tail_std`); the others, ε_x and held noise are left as drawn.
-
-    Why: a short chain from N(0, I) moves ε by about √(Kη) (0.8 for 60 steps at 0.01), so negatives only
-    land near where the prior's bulk decodes; wherever else G(z) goes (the prior's tails) nothing raises
-    the energy, and it can dig wells there that the tilted model then weights heavily (the exact tilt,
-    log Z). Chains started in the tails put negatives there."""
-    tail = round(fraction * rows.total)
-    if tail == 0:
-        return noise
-    index = torch.arange(rows.start, rows.stop, device=noise[0].device)
-    scale = torch.where(index < tail, std, 1.0)
-    latent = len(adapter.latent_noise(noise))
-    return [n * scale.view(-1, *[1] * (n.dim() - 1)) if i < latent and i not in adapter.held_noise else n
-            for i, n in enumerate(noise)]
-
-
-@torch.no_grad()
-def resampled_negatives(adapter: NoiseEnergy, batch: int, pool: int, generator: torch.Generator):
-    """Exact negatives for 2-D toys (`langevin.negatives: resample`): `batch` draws from
-    h ∝ p_vae·exp(−E), by importance resampling `pool` fresh VAE samples with weights exp(−E(x))
-    (self-normalized; exact as the pool grows). Returns (a `LangevinResult` holding the chosen noise,
-    no steps taken, and the chosen negatives)."""
-    device = generator.device
-    noise = adapter.initial_noise(pool, generator, device)
-    candidates = adapter.negatives(noise)
-    energies = adapter.energy(candidates).float()
-    chosen = torch.multinomial(torch.softmax(-energies, 0), batch, replacement=True, generator=generator)
-    picked = [n[chosen] for n in noise]
-    result = LangevinResult(noise=picked, grad_norm=torch.zeros(1), noise_norm=torch.zeros(1),
-                            energy=energies[chosen].mean().reshape(1).cpu())
-    return result, candidates[chosen]
 
 
 def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | None, progress: Progress,
