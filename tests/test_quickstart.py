@@ -31,7 +31,7 @@ def test_quickstart_on_a_small_budget_writes_its_picture_and_shares(tmp_path):
     out = tmp_path / "qs"
     result = run_script("quickstart.py", "--out", str(out), "--scale", "0.005", timeout=900)
     for header in ("== 1/4 NVAE", "== 2/4 VAEBM", "== 3/4 25-Gaussians", "== 4/4 the picture",
-                   "python scripts/train_nvae.py --config digits16"):
+                   "python scripts/train_nvae.py --config vamp-top-digits16"):
         assert header in result.stderr, result.stderr[-3000:]
     assert "DeepSpeed" not in result.stderr and "accelerator" not in result.stderr.lower()
     summary = json.loads((out / "summary.json").read_text())

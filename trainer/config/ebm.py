@@ -65,7 +65,7 @@ class VAERef:
 
 @dataclass
 class EBMOptimConfig:
-    """Energy optimizer: Adam settings, element-wise gradient clip, spectral and energy regularizer weights."""
+    """Energy optimizer: Adam settings, element-wise gradient clip, spectral, energy and slope regularizer weights."""
 
     lr: float = 4e-5                 # constant learning rate (Table 8)
     beta1: float = 0.99
@@ -75,6 +75,8 @@ class EBMOptimConfig:
     clip_offset: float = 0.1
     spectral_coeff: float = 0.2      # α_s on the sum of spectral norms of the energy's convs
     energy_reg_coeff: float = 0.0    # α_r on mean(E(+)² + E(−)²) (exponential tilting App. B: 0.1)
+    slope_coeff: float = 0.0         # γ on mean ‖∇_x E(x)‖² over positives and negatives: a local Lipschitz
+                                     # control that keeps E as smooth as the chains can follow (toy2d preset)
 
     def validate(self) -> None:
         """Check the learning rate, betas, weight decay, and that clip and regularizer coefficients are in range."""
@@ -84,7 +86,7 @@ class EBMOptimConfig:
             raise ValueError("beta1 and beta2 must be in [0, 1)")
         if not 0 <= self.weight_decay <= 1:
             raise ValueError(f"weight_decay must be in [0, 1], got {self.weight_decay}")
-        for name in ("clip_std", "clip_offset", "spectral_coeff", "energy_reg_coeff"):
+        for name in ("clip_std", "clip_offset", "spectral_coeff", "energy_reg_coeff", "slope_coeff"):
             if not 0 <= getattr(self, name) <= MAX_COEFF:
                 raise ValueError(f"{name} must be in [0, {MAX_COEFF:g}], got {getattr(self, name)}")
 

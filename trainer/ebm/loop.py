@@ -33,7 +33,7 @@ from models.registry import is_image_model
 from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.ebm.finetune import GeneratorFinetuner
 from trainer.ebm.negatives import negative_samples
-from trainer.ebm.objective import clip_to_adam_rms, ebm_loss
+from trainer.ebm.objective import clip_to_adam_rms, ebm_loss, input_slope_sq, requires_grad
 from trainer.ebm.replay import ReplayBuffer, replay_probability
 from trainer.ebm.sources import FrozenBN, check_vae_fits_data, frozen_bn, load_frozen_vae, pin_vae
 from trainer.errors import UserError
@@ -257,9 +257,14 @@ class EnergyUpdate:
             with accelerator.accumulate(self.energy):
                 with launch.autocast():
                     # One pass over positives and negatives: DDP sees one forward per backward.
-                    energies = self.energy(adapter.concat(positives, negatives))
+                    inputs = adapter.concat(positives, negatives)
+                    if cfg.optim.slope_coeff:  # the slope penalty differentiates E w.r.t. its inputs
+                        inputs = requires_grad(inputs)
+                    energies = self.energy(inputs)
+                    slope_sq = input_slope_sq(energies, inputs) if cfg.optim.slope_coeff else None
                     loss, terms = ebm_loss(energies[:batch], energies[batch:], self.net.spectral_loss(),
-                                           cfg.optim.spectral_coeff, cfg.optim.energy_reg_coeff)
+                                           cfg.optim.spectral_coeff, cfg.optim.energy_reg_coeff, slope_sq,
+                                           cfg.optim.slope_coeff)
                 accelerator.backward(loss)
             if self.buffer is not None:
                 self.buffer.push(adapter.latent_noise(chains.noise))

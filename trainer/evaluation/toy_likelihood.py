@@ -6,8 +6,8 @@ Per seed (full mode: 3 seeds, --seed, --seed+1, --seed+2; quick: 1):
 1. Train the MLP VAE (preset nvae/toy2d: encoder and decoder 4 × 256, 20-d latent) with the NVAE trainer, then
    two energy MLPs on it (preset vaebm/toy2d: 4 × 256) with the VAEBM trainer: one with the project's Langevin
    sampler in ε-space (the method), and a reference with exact negatives (`langevin.negatives=resample`:
-   importance resampling of VAE samples by exp(−E), possible in 2-D only). The reference shows what the
-   objective reaches, so any gap between the sampler and the objective is visible on every run.
+   importance resampling of --reference-pool VAE samples by exp(−E), possible in 2-D only). The reference shows
+   what the objective reaches, so any gap between the sampler and the objective is visible on every run.
 2. On held-out points from the true mixture, per sample, in nats:
    - true_ll              the exact log-density of the mixture (true_ll_expected: its analytic expectation);
    - vae_ll               log p_vae(x) by importance weighting (IWAE) with --iwae-samples posterior samples;
@@ -66,12 +66,15 @@ class Settings:
     grid_iwae_samples: int         # posterior samples per grid point
     plot_points: int               # samples per density image (and per sample-quality figure)
     seeds: int                     # seeds --seed, --seed+1, ... (each trains its own VAE and energies)
+    reference_pool: int            # VAE proposals resampled per batch of the reference's exact negatives
 
 
 FULL = Settings(vae_steps=None, ebm_steps=None, test_points=10_000, iwae_samples=2_000, log_z_samples=1_000_000,
-                grid_step=0.025, grid_extent=3.5, grid_iwae_samples=200, plot_points=20_000, seeds=3)
+                grid_step=0.025, grid_extent=3.5, grid_iwae_samples=200, plot_points=20_000, seeds=3,
+                reference_pool=16_384)
 QUICK = Settings(vae_steps=None, ebm_steps=None, test_points=2_000, iwae_samples=500, log_z_samples=200_000,
-                 grid_step=0.05, grid_extent=3.5, grid_iwae_samples=50, plot_points=5_000, seeds=1)
+                 grid_step=0.05, grid_extent=3.5, grid_iwae_samples=50, plot_points=5_000, seeds=1,
+                 reference_pool=4_096)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +98,8 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
     """The settings for --quick or full with the flags applied; UserError on an out-of-range value."""
     settings = replace(QUICK if args.quick else FULL,
                        **{f.name: getattr(args, f.name) for f in fields(Settings) if getattr(args, f.name) is not None})
-    for name in ("test_points", "iwae_samples", "log_z_samples", "grid_iwae_samples", "plot_points", "seeds"):
+    for name in ("test_points", "iwae_samples", "log_z_samples", "grid_iwae_samples", "plot_points", "seeds",
+                 "reference_pool"):
         if getattr(settings, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
     for name in ("vae_steps", "ebm_steps"):
@@ -224,7 +228,8 @@ def train_models(report, seed: int, settings: Settings, vae_overrides: list[str]
     timings["ebm_train_seconds"] = lap()
     reference_run = None
     if reference:
-        reference_run = train_vaebm_run("toy2d", vae_run, [*energy, "langevin.negatives=resample"], models_dir,
+        exact = ["langevin.negatives=resample", f"langevin.resample_pool={settings.reference_pool}"]
+        reference_run = train_vaebm_run("toy2d", vae_run, [*energy, *exact], models_dir,
                                         report.log)
     timings["reference_train_seconds"] = lap()
     return vae_run, ebm_run, reference_run, timings
