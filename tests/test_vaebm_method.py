@@ -7,6 +7,7 @@ group, so log p_vae(x) and log Z = log ∫ p_vae(x) exp(−E(x)) dx are exact on
 modes. An energy that learns nothing leaves the likelihood where the VAE has it; one trained with the wrong sign
 makes it worse.
 """
+import functools
 import math
 
 import pytest
@@ -63,6 +64,7 @@ def data_log_prob(x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(components, 1) - math.log(len(MODES))
 
 
+@functools.lru_cache(maxsize=None)  # tests that need the same trained energy share it (it is only read)
 def train_energy(sign: float = 1.0, steps: int = 250, negatives: str = "langevin", overrides: tuple[str, ...] = ()):
     """An MLP energy trained by the real training iteration on the Gaussian VAE; `sign` −1 flips the loss."""
     cfg = load_config(VAEBMTrainingConfig, "vaebm", "toy2d", [
