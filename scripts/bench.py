@@ -214,7 +214,7 @@ def main() -> None:
                             help="THREADS[:POLICY],...; THREADS a number, auto or off; POLICY PASSIVE, ACTIVE, default")
     contention.add_argument("--nvae-args", default="--config nvae-bench-small --batch-size 8 --steps 5 --warmup 2")
     contention.add_argument("--quickstart", action="store_true", help="also time scripts/quickstart.py")
-    contention.add_argument("--quickstart-args", default="", help='e.g. "--nvae-steps 100 --vaebm-steps 20"')
+    contention.add_argument("--quickstart-args", default="", help='e.g. "--scale 0.1"')
     contention.add_argument("--timeout", type=float, default=7200.0, help="seconds per measurement")
     contention.add_argument("--out", default=None, help="also write the results as a Markdown table here")
     suite = sub.add_parser("gpu-suite", help="every GPU figure README awaits, in one run (at most --budget-s)")

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from conftest import run_script
 
 from data.toy2d import Gaussians25
@@ -98,6 +99,10 @@ def test_toy_likelihood_end_to_end(tmp_path):
     assert abs(result["log_z"] - result["log_z_grid"]) < 4 * result["log_z_stderr"] + 0.05, result
     assert abs(result["vae_log_mass_grid"]) < 0.1
     assert math.isfinite(result["vaebm_reference_ll"]) and math.isfinite(result["reference_log_z_grid"])
+    # The reference resampled from the quick mode's pool; the method's energy kept Langevin negatives.
+    configs = [yaml.safe_load(path.read_text()) for path in (run_dir / "models").glob("vaebm-toy2d-*/config.yaml")]
+    assert sorted((c["langevin"]["negatives"], c["langevin"]["resample_pool"]) for c in configs) == [
+        ("langevin", 16384), ("resample", 4096)]
     assert result["log_z_stderr"] > 0 and 0 < result["log_z_ess"] <= 4000
     for name in ("true", "vae", "vaebm_langevin", "vaebm_resampled"):
         assert (run_dir / f"samples_{name}.png").stat().st_size > 0

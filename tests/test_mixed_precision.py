@@ -183,3 +183,15 @@ def test_vaebm_fp16_resume_restores_the_loss_scaler(tmp_path, cache_dir, nvae_ru
     expected, got = (load_file(str(c / "energy.safetensors")) for c in done)
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
+
+
+def test_the_slope_penalty_is_refused_when_the_launcher_chooses_fp16(tmp_path, cache_dir, nvae_run):
+    """`train.mixed_precision` is `auto` (as launched) and the launcher says fp16: the slope penalty's inner
+    gradient would run unscaled, so the start is refused in one line, exit 2, before the run directory exists."""
+    run_dir = tmp_path / "refused"
+    result = run_script("train_vaebm.py", "--config", "digits", "--vae", str(nvae_run), "--run-dir", str(run_dir),
+                        *VAEBM_SETTINGS, f"data.cache_dir={cache_dir}", "optim.slope_coeff=0.01",
+                        launcher=launcher("fp16"), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "optim.slope_coeff" in result.stderr and "Traceback" not in result.stderr
+    assert not run_dir.exists()

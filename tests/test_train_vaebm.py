@@ -9,7 +9,7 @@ import torch
 from conftest import FAST, run_script
 from safetensors.torch import load_file
 
-from trainer.ebm.objective import clip_to_adam_rms, ebm_loss, input_slope_sq, requires_grad
+from trainer.ebm.objective import clip_to_adam_rms, ebm_loss, grad_leaves, input_slope_sq
 from trainer.run.checkpoint import latest_checkpoint, list_checkpoints, read_torch
 from trainer.run.divergence import DivergenceDetector
 
@@ -109,13 +109,13 @@ def test_slope_penalty_is_the_mean_squared_input_gradient_and_trains_the_energy(
     (double backpropagation reaches the parameters); over a list of inputs the squared norms add up."""
     a = torch.tensor(0.7, requires_grad=True)
     x = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
-    inputs = requires_grad(x)
+    inputs = grad_leaves(x)
     slope = input_slope_sq((a * inputs.pow(2)).flatten(1).sum(1), inputs)
     norms = x.pow(2).flatten(1).sum(1)
     assert torch.allclose(slope, 4 * 0.7 ** 2 * norms.mean())
     (grad_a,) = torch.autograd.grad(slope, a)
     assert torch.allclose(grad_a, 8 * 0.7 * norms.mean())
-    pair = requires_grad([x, 2 * x])
+    pair = grad_leaves([x, 2 * x])
     slope = input_slope_sq(a * (pair[0].pow(2).flatten(1).sum(1) + pair[1].pow(2).flatten(1).sum(1)), pair)
     assert torch.allclose(slope, 4 * 0.7 ** 2 * 5 * norms.mean())
     loss, terms = ebm_loss(torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor(0.0), 0.0, 0.0,

@@ -131,7 +131,8 @@ def test_langevin_vaebm_closes_most_of_the_gap_and_its_log_z_agrees_with_the_gri
 def test_the_slope_penalty_keeps_the_gain_and_smooths_the_energy():
     """With the slope penalty (γ·mean ‖∇E‖², the toy2d preset's Lipschitz control) the energy still closes most of
     the gap, and its slope at the data is well below that of the same training without it (measured: 7.8 against
-    22.5; the ideal energy log p_vae − log p_data has 31). A penalty of the wrong sign, rewarding slope, fails."""
+    22.5; the ideal energy log p_vae − log p_data has 31). Checked: with the penalty's sign flipped in `ebm_loss`
+    (rewarding slope) this test fails."""
     def mean_slope(energy) -> float:
         test = next(data_batches(seed=7))["x"].requires_grad_(True)
         return float(torch.autograd.grad(energy(test).sum(), test)[0].pow(2).sum(1).mean())

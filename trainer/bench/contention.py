@@ -6,7 +6,7 @@ Each setting `THREADS[:POLICY]` (THREADS a number, auto or off; POLICY PASSIVE, 
 wait policy of OpenMP's idle threads; `trainer/run/threads.py`) is run twice in fresh processes: on an idle
 CPU and beside one busy competitor (a process spinning on one core for the whole measurement). Measured:
 `bench.py nvae` images/s (its own arguments: `--nvae-args`), and with `--quickstart` the wall time of
-`scripts/quickstart.py` (its arguments: `--quickstart-args`, e.g. "--nvae-steps 100 --vaebm-steps 20").
+`scripts/quickstart.py` (its arguments: `--quickstart-args`, e.g. "--scale 0.1").
 The setting "off" with the default policy (`off:default`) is PyTorch's and OpenMP's own behaviour.
 
 Nothing here imports torch: the settings must reach each child before torch loads in it.

@@ -173,7 +173,8 @@ class VAEBMTrainingConfig:
     data_init_batches: int = 5       # batches stacked for the energy's data-dependent init
 
     def validate(self) -> None:
-        """Check the method against the energy kind, fine-tuning, layout, init batches, tail starts and resampling."""
+        """Check the method against the energy kind, fine-tuning, layout, init batches, tail starts, resampling, and the
+        slope penalty against fp16 and compile."""
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got '{self.method}'")
         if (self.method == "joint-prior") != (self.energy.kind == "latent"):
@@ -188,6 +189,12 @@ class VAEBMTrainingConfig:
         if self.langevin.tail_fraction and (self.replay.enabled or self.langevin.negatives != "langevin"):
             raise ValueError("langevin.tail_fraction starts fresh Langevin chains from the prior's tails: it needs "
                              "replay.enabled=false and langevin.negatives=langevin")
+        if self.optim.slope_coeff and self.train.mixed_precision == "fp16":
+            raise ValueError("optim.slope_coeff differentiates E twice, and its inner gradient would run in fp16 "
+                             "without the loss scaler: use train.mixed_precision=bf16 or no")
+        if self.optim.slope_coeff and self.train.compile and self.train.compile_backend != "eager":
+            raise ValueError("optim.slope_coeff needs double backpropagation through the energy, which torch.compile's "
+                             "AOTAutograd backends do not support: train.compile=false (or compile_backend=eager)")
         if self.langevin.negatives == "resample" and not (self.data.is_toy and self.method == "vaebm"):
             raise ValueError("langevin.negatives=resample (exact negatives by importance resampling) is a reference "
                              "for VAEBM on 2-D toy data only: in images the pool it needs is astronomically large")

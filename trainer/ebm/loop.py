@@ -5,8 +5,8 @@ latent-space methods (`method`: vaebm, latent-tilting, joint-prior; `models/adap
 Each iteration: initial noise (ε_z from the replay buffer with probability p, else fresh, a share
 `langevin.tail_fraction` of it from the prior's tails; ε_x always fresh where the method moves it)
 → K Langevin steps on U(ε) = E_ψ(part of T_θ(ε)) + ½‖ε‖² → negatives (what the energy scores of
-the final ε) → loss mean E(+) − mean E(−) + α_s·Σσ + α_r·(E(+)² + E(−)²) → element-wise clip
-→ Adam step → push ε_z. Positives are data (VAEBM, tilting) or z ~ q(z|x) (joint prior).
+the final ε) → loss mean E(+) − mean E(−) + α_s·Σσ + α_r·(E(+)² + E(−)²) + γ·‖∇E‖²
+→ element-wise clip → Adam step → push ε_z. Positives are data (VAEBM, tilting) or z ~ q(z|x) (joint prior).
 
 Chains are independent across processes (their noise is seeded per (seed, rank, step)); the energy's
 gradients are all-reduced by DDP. With `data.split=global` every process draws the chains' noise for the
@@ -33,7 +33,7 @@ from models.registry import is_image_model
 from trainer.config.ebm import VAEBMTrainingConfig
 from trainer.ebm.finetune import GeneratorFinetuner
 from trainer.ebm.negatives import negative_samples
-from trainer.ebm.objective import clip_to_adam_rms, ebm_loss, input_slope_sq, requires_grad
+from trainer.ebm.objective import clip_to_adam_rms, ebm_loss, grad_leaves, input_slope_sq
 from trainer.ebm.replay import ReplayBuffer, replay_probability
 from trainer.ebm.sources import FrozenBN, check_vae_fits_data, frozen_bn, load_frozen_vae, pin_vae
 from trainer.errors import UserError
@@ -58,6 +58,11 @@ def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | Non
     """Train (or resume) an energy on a frozen VAE; returns the final checkpoint. Raises `TrainingDiverged`
     when the run diverges. `vae_changed_ok`: resume against a VAE other than the one the run pinned."""
     launch = make_accelerator(cfg.train, run_dir)
+    fp16 = launch.accelerator.mixed_precision == "fp16" or launch.autocast_dtype == torch.float16
+    if cfg.optim.slope_coeff and fp16:
+        # The config check catches train.mixed_precision=fp16; this catches fp16 chosen by the launcher.
+        raise UserError("optim.slope_coeff differentiates E twice, and its inner gradient would run in fp16 without "
+                        "the loss scaler: launch with --mixed_precision bf16 or no")
     with own_run_dir(run_dir, cfg, launch.accelerator, kind="vaebm", section="energy",
                      resume_from=resume_from) as run:
         return _train_vaebm(cfg, run, launch, resume_from, vae_changed_ok)
@@ -210,7 +215,7 @@ class StepResult:
     """What one energy-training iteration reports (the last micro-batch's loss and chains)."""
 
     loss: float
-    terms: dict[str, float]      # energy_pos, energy_neg, energy_gap, spectral, energy_sq
+    terms: dict[str, float]      # energy_pos, energy_neg, energy_gap, spectral, energy_sq (, slope_sq)
     chains: LangevinResult       # the last micro-batch's chains, with per-step diagnostics
     replay_p: float
     clip_fraction: float
@@ -259,7 +264,7 @@ class EnergyUpdate:
                     # One pass over positives and negatives: DDP sees one forward per backward.
                     inputs = adapter.concat(positives, negatives)
                     if cfg.optim.slope_coeff:  # the slope penalty differentiates E w.r.t. its inputs
-                        inputs = requires_grad(inputs)
+                        inputs = grad_leaves(inputs)
                     energies = self.energy(inputs)
                     slope_sq = input_slope_sq(energies, inputs) if cfg.optim.slope_coeff else None
                     loss, terms = ebm_loss(energies[:batch], energies[batch:], self.net.spectral_loss(),

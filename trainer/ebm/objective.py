@@ -30,7 +30,7 @@ def ebm_loss(energy_pos: torch.Tensor, energy_neg: torch.Tensor, spectral: torch
     return loss, terms
 
 
-def requires_grad(inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+def grad_leaves(inputs: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
     """Detached copies of energy inputs (a tensor or a list of per-group tensors) that require grad."""
     if isinstance(inputs, torch.Tensor):
         return inputs.detach().requires_grad_(True)

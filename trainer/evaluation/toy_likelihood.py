@@ -6,7 +6,8 @@ Per seed (full mode: 3 seeds, --seed, --seed+1, --seed+2; quick: 1):
 1. Train the MLP VAE (preset nvae/toy2d: encoder and decoder 4 × 256, 20-d latent) with the NVAE trainer, then
    two energy MLPs on it (preset vaebm/toy2d: 4 × 256) with the VAEBM trainer: one with the project's Langevin
    sampler in ε-space (the method), and a reference with exact negatives (`langevin.negatives=resample`:
-   importance resampling of --reference-pool VAE samples by exp(−E), possible in 2-D only). The reference shows
+   importance resampling of --reference-pool VAE samples by exp(−E), possible in 2-D only; the flag wins over an
+   --ebm-override of langevin.resample_pool). The reference shows
    what the objective reaches, so any gap between the sampler and the objective is visible on every run.
 2. On held-out points from the true mixture, per sample, in nats:
    - true_ll              the exact log-density of the mixture (true_ll_expected: its analytic expectation);
