@@ -36,7 +36,8 @@ TOY_VAE = ("toy2d", ["train.max_steps=4000"])  # the preset's length: 2,500 step
 # 400 of the preset's 1,500 steps, at 3x its learning rate: the energy learns the 25 modes late (its first few
 # hundred steps at 1e-3 barely move it), so the short run needs the faster rate to show a correction.
 TOY_VAEBM = ("toy2d", ["train.max_steps=400", "optim.lr=3e-3"])
-# Measured on this project's 2-core CPU (README, "Quick start"; one single-thread job on the other core): the estimate.
+# What the estimate is made of: measured on this project's 2-core CPU with one single-thread job on the other core
+# (README, "Quick start").
 STAGE_MINUTES = {"nvae": 3.6, "vaebm": 3.3, "toy-vae": 0.5, "toy-vaebm": 1.2, "picture": 0.8}
 TEMPERATURE = 0.7          # NVAE samples at t = 0.7 with BN statistics readjusted there (VAEBM App. E)
 BN_PASSES = 100            # BN readjustment passes for the picture (export defaults to 500)

@@ -7,8 +7,8 @@ Per seed (full mode: 3 seeds, --seed, --seed+1, --seed+2; quick: 1):
    two energy MLPs on it (preset vaebm/toy2d: 4 × 256) with the VAEBM trainer: one with the project's Langevin
    sampler in ε-space (the method), and a reference with exact negatives (`langevin.negatives=resample`:
    importance resampling of --reference-pool VAE samples by exp(−E), possible in 2-D only; the flag wins over an
-   --ebm-override of langevin.resample_pool). The reference shows
-   what the objective reaches, so any gap between the sampler and the objective is visible on every run.
+   --ebm-override of langevin.resample_pool). The reference shows what the objective reaches, so any gap
+   between the sampler and the objective is visible on every run.
 2. On held-out points from the true mixture, per sample, in nats:
    - true_ll              the exact log-density of the mixture (true_ll_expected: its analytic expectation);
    - vae_ll               log p_vae(x) by importance weighting (IWAE) with --iwae-samples posterior samples;
@@ -230,8 +230,7 @@ def train_models(report, seed: int, settings: Settings, vae_overrides: list[str]
     reference_run = None
     if reference:
         exact = ["langevin.negatives=resample", f"langevin.resample_pool={settings.reference_pool}"]
-        reference_run = train_vaebm_run("toy2d", vae_run, [*energy, *exact], models_dir,
-                                        report.log)
+        reference_run = train_vaebm_run("toy2d", vae_run, [*energy, *exact], models_dir, report.log)
     timings["reference_train_seconds"] = lap()
     return vae_run, ebm_run, reference_run, timings
 
