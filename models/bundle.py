@@ -104,7 +104,7 @@ def save_bundle(
     """Write a bundle directory atomically (temporary directory, then rename); returns its path.
 
     `method`: the energy method (`models/adapters.py`: vaebm, latent-tilting, joint-prior).
-    `sampling`: defaults {steps, step_size, temperature, autocast}. The readjusted BN statistics are
+    `sampling`: defaults {steps, step_size, temperature, autocast, metropolis}. The readjusted BN statistics are
     the VAE's per-temperature cache (`NVAE.bn_cache_state()`: fill it with `temperature_statistics`
     first); `bn` adds how they were computed (passes, batch size). `source`: provenance, any JSON.
     """

@@ -28,6 +28,13 @@ which T is piecewise constant) is part of each chain's state but not of the dyna
 ½‖ε_k‖² is a constant of the chain). By default `langevin` reads `held` from `energy_fn.held_noise`,
 which the adapters of `models/adapters.py` take from the VAE, so every caller honours it.
 
+Metropolis adjustment (`metropolis=True`, MALA): each update becomes a proposal, accepted with probability
+min(1, exp(U(ε) − U(ε') + log q(ε|ε') − log q(ε'|ε))), q the Gaussian proposal above. A chain then leaves h
+invariant at any η, and a step that would climb an energy too stiff for η is refused instead of taken: short
+unadjusted chains on a sharpening energy overshoot, land higher in energy and teach the energy to rise further
+(README, "25-Gaussians"). The proposal's gradient is the next step's, so each step still costs one ∇U; the
+uniform deciding acceptance is Φ(n) of one more standard normal per chain from the noise source.
+
 Noise sources: `BatchNoise` (one draw per tensor per step, fast, for training: the caller seeds its
 generator per (seed, rank, step)) and `PerChainNoise` (one generator per chain, so chain i's trajectory
 depends only on its seed, whatever the batch size: for sampling).
@@ -35,8 +42,8 @@ depends only on its seed, whatever the batch size: for sampling).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -118,19 +125,21 @@ class PerChainNoise:
         return self.sample([torch.Size((batch, *s)) for s in sample_shapes], torch.device(device))
 
 
-@dataclass
+@dataclasses.dataclass
 class LangevinResult:
     """Final noise (detached, fp32) and per-step diagnostics, each a CPU tensor [steps].
 
     Diagnostics of step t are measured at ε_t, the state whose energy step t evaluates (before its
     update): `grad_norm` = mean over chains of ‖∇U‖ (all tensors together), `noise_norm` = mean over
-    chains of ‖ε‖, `energy` = mean over chains of E (without the ½‖ε‖² term).
+    chains of ‖ε‖, `energy` = mean over chains of E (without the ½‖ε‖² term). `acceptance` [steps]: the
+    share of chains whose proposal step t accepted (Metropolis-adjusted runs only; empty otherwise).
     """
 
     noise: list[torch.Tensor]
     grad_norm: torch.Tensor
     noise_norm: torch.Tensor
     energy: torch.Tensor
+    acceptance: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
 
     def summary(self) -> dict[str, float]:
         """First/last values, for logging."""
@@ -141,6 +150,7 @@ class LangevinResult:
             "energy_last": float(self.energy[-1]),
             "grad_norm_mean": float(self.grad_norm.mean()),
             "noise_norm_last": float(self.noise_norm[-1]),
+            **({"acceptance": float(self.acceptance.mean())} if len(self.acceptance) else {}),
         }
 
 
@@ -160,6 +170,7 @@ def langevin(
     callback: Callable[[int, list[torch.Tensor]], None] | None = None,
     callback_every: int = 0,
     held: Sequence[int] | None = None,
+    metropolis: bool = False,
 ) -> LangevinResult:
     """Run `steps` Langevin updates of U(ε) = energy_fn(ε) + ½Σ‖ε_i‖² from the initial noise.
 
@@ -175,6 +186,7 @@ def langevin(
         held: indices into `noise` of tensors carried unchanged (see the module docstring); None: the
             `held_noise` attribute of `energy_fn` if it has one, else none. Diagnostics and the noise
             source cover the moving tensors only.
+        metropolis: accept or refuse each update by the Metropolis–Hastings rule (MALA; module docstring).
 
     Returns:
         `LangevinResult` with the final noise (detached fp32, same shapes; held tensors as given) and
@@ -202,15 +214,37 @@ def langevin(
             callback(t, [e.detach().clone() for e in eps])
 
     maybe_callback(0)
+    energy, grads = (potential_gradient(energy_fn, eps, moving, autocast_dtype) if metropolis and steps
+                     else (None, None))
+    acceptance = []
     for t in range(steps):
-        energy, grads = potential_gradient(energy_fn, eps, moving, autocast_dtype)
+        if not metropolis:
+            energy, grads = potential_gradient(energy_fn, eps, moving, autocast_dtype)
         with torch.no_grad():
             energies.append(energy.float().mean())
             grad_norms.append(_per_chain_sq_norm(grads).sqrt().mean())
             noise_norms.append(_per_chain_sq_norm(moved).sqrt().mean())
             omegas = noise_source.sample(shapes, device)
-            for e, g, omega in zip(moved, grads, omegas):
-                e.add_(g, alpha=drift).add_(omega, alpha=diffusion)
+            if not metropolis:
+                for e, g, omega in zip(moved, grads, omegas):
+                    e.add_(g, alpha=drift).add_(omega, alpha=diffusion)
+            else:
+                proposal = [e + drift * g + diffusion * omega for e, g, omega in zip(moved, grads, omegas)]
+                uniform = torch.special.ndtr(noise_source.sample([torch.Size((len(energy),))], device)[0])
+        if metropolis:
+            trial = list(eps)
+            for i, p in zip(moving, proposal):
+                trial[i] = p.requires_grad_(True)
+            trial_energy, trial_grads = potential_gradient(energy_fn, trial, moving, autocast_dtype)
+            with torch.no_grad():
+                accept = _metropolis_accept(energy, grads, moved, trial_energy, trial_grads, proposal,
+                                            step_size, uniform)
+                acceptance.append(accept.float().mean())
+                for e, p in zip(moved, proposal):
+                    e.copy_(torch.where(accept.view(-1, *[1] * (e.dim() - 1)), p, e))
+                energy = torch.where(accept, trial_energy.float(), energy.float())
+                grads = [torch.where(accept.view(-1, *[1] * (g.dim() - 1)), tg, g)
+                         for g, tg in zip(grads, trial_grads)]
         maybe_callback(t + 1)
 
     def stacked(values: list[torch.Tensor]) -> torch.Tensor:
@@ -221,7 +255,27 @@ def langevin(
         grad_norm=stacked(grad_norms),
         noise_norm=stacked(noise_norms),
         energy=stacked(energies),
+        acceptance=stacked(acceptance),
     )
+
+
+def _metropolis_accept(energy: torch.Tensor, grads: list[torch.Tensor], eps: list[torch.Tensor],
+                       trial_energy: torch.Tensor, trial_grads: list[torch.Tensor], trial: list[torch.Tensor],
+                       step_size: float, uniform: torch.Tensor) -> torch.Tensor:
+    """Which chains [B] (bool) accept the move ε → ε' (MALA's Metropolis–Hastings rule).
+
+    `energy`, `trial_energy`: E at ε and ε' [B]; `grads`, `trial_grads`: ∇U there (moving tensors only);
+    `eps`, `trial`: the moving tensors; `uniform` [B] in (0, 1). The proposal density is
+    q(b | a) = N(b; a − (η/2)∇U(a), η I), so log q(b | a) = −‖b − a + (η/2)∇U(a)‖² / (2η) + const.
+    """
+    def log_q(to, frm, grad_frm):  # [B], up to the constant, which cancels
+        return -_per_chain_sq_norm([b - a + 0.5 * step_size * g for b, a, g in zip(to, frm, grad_frm)]) / (2 * step_size)
+
+    potential = energy.float() + 0.5 * _per_chain_sq_norm(eps)
+    trial_potential = trial_energy.float() + 0.5 * _per_chain_sq_norm(trial)
+    log_ratio = (potential - trial_potential + log_q(eps, trial, trial_grads) - log_q(trial, eps, grads))
+    # A non-finite trial (an energy that overflowed) is refused; log(u) < NaN is False.
+    return torch.log(uniform) < log_ratio
 
 
 def potential_gradient(energy_fn: EnergyFn, eps: list[torch.Tensor], moving: Sequence[int],
@@ -253,7 +307,7 @@ def potential_gradient(energy_fn: EnergyFn, eps: list[torch.Tensor], moving: Seq
 
 
 def seeded_chains(energy_fn, start: int, count: int, *, seed: int, steps: int, step_size: float,
-                  device: torch.device | str = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                  device: torch.device | str = "cpu", metropolis: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Chains start … start+count−1 of a run seeded `seed`: (initial noise, noise after `steps` Langevin steps).
 
     Chain i's initial and Langevin noise come from its own generator (`PerChainNoise`), so its trajectory
@@ -266,7 +320,7 @@ def seeded_chains(energy_fn, start: int, count: int, *, seed: int, steps: int, s
     if steps == 0:
         return initial, initial
     with torch.enable_grad():  # callers often sample under no_grad; Langevin needs ∇E
-        chains = langevin(initial, energy_fn, steps, step_size, chain_noise)
+        chains = langevin(initial, energy_fn, steps, step_size, chain_noise, metropolis=metropolis)
     return initial, chains.noise
 
 

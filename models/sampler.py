@@ -64,6 +64,7 @@ class SamplingOptions:
     init: str
     chain_temperature: float  # the temperature Langevin (and the final decode) runs at
     autocast: str = "no"
+    metropolis: bool = False  # Metropolis-adjusted Langevin (models/langevin.py)
 
     def as_dict(self) -> dict[str, Any]:
         """The options as a plain dict."""
@@ -170,7 +171,7 @@ class BundleSampler:
     # --- options -----------------------------------------------------------------------------
 
     def options(self, steps: int | None = None, step_size: float | None = None, temperature: float | None = None,
-                init: str = "prior", autocast: str | None = None) -> SamplingOptions:
+                init: str = "prior", autocast: str | None = None, metropolis: bool | None = None) -> SamplingOptions:
         """Fill in the bundle's defaults and check the options; SamplingOptionError when they cannot work."""
         steps = int(self.defaults.get("steps", 0) if steps is None else steps)
         if steps < 0:
@@ -197,20 +198,22 @@ class BundleSampler:
         if autocast not in AUTOCAST:
             raise SamplingOptionError(f"autocast must be one of {', '.join(AUTOCAST)}, got {autocast!r}")
         chain_temperature = base_temperature if init == "low-temp" else temperature
-        return SamplingOptions(steps, step_size, temperature, init, chain_temperature, autocast)
+        metropolis = bool(self.defaults.get("metropolis", False) if metropolis is None else metropolis)
+        return SamplingOptions(steps, step_size, temperature, init, chain_temperature, autocast, metropolis)
 
     # --- sampling ----------------------------------------------------------------------------
 
     def sample_indices(self, indices: Sequence[int], seed: int, steps: int | None = None,
                        step_size: float | None = None, temperature: float | None = None, init: str = "prior",
-                       chains_every: int = 0, autocast: str | None = None) -> SampleOutput:
+                       chains_every: int = 0, autocast: str | None = None,
+                       metropolis: bool | None = None) -> SampleOutput:
         """Chains `indices` of a run seeded `seed`; see the module docstring.
 
         The networks always run on exactly `self.chunk` chains (the last chunk is padded with copies of its last
         chain, which are dropped): matrix kernels are chosen by batch size, so this is what makes chain i depend
         only on (seed, i), bit for bit, however the indices are batched or split across processes.
         """
-        opts = self.options(steps, step_size, temperature, init, autocast)
+        opts = self.options(steps, step_size, temperature, init, autocast, metropolis)
         indices = [int(i) for i in indices]
         parts = []
         for start in range(0, len(indices), self.chunk):
@@ -255,7 +258,7 @@ class BundleSampler:
                 result = langevin(moved, adapter, opts.steps, opts.step_size, noise_source,
                                   autocast_dtype=AUTOCAST[opts.autocast],
                                   callback=(lambda t, eps: record(t, adapter.latent_noise(eps))) if chains_every > 0 else None,
-                                  callback_every=chains_every)
+                                  callback_every=chains_every, metropolis=opts.metropolis)
             noise = result.noise if adapter.moves_eps_x else [*result.noise, noise[-1]]
         elif chains_every > 0:
             record(0, noise[:-1])
@@ -267,7 +270,7 @@ class BundleSampler:
     def sample(self, n: int, steps: int | None = None, step_size: float | None = None,
                temperature: float | None = None, init: str = "prior", seed: int | None = None,
                generator: torch.Generator | None = None, batch_size: int = 64,
-               autocast: str | None = None) -> torch.Tensor:
+               autocast: str | None = None, metropolis: bool | None = None) -> torch.Tensor:
         """n samples: uint8 images [n, C, H, W] (decoder means, clamped) or, for 2-D toy bundles, the
         float points [n, D] (the decoder samples x = μ + t·σ·ε_x, what the energy scores).
 
@@ -279,7 +282,7 @@ class BundleSampler:
         outputs = []
         for start in range(0, n, batch_size):
             out = self.sample_indices(range(start, min(n, start + batch_size)), seed, steps, step_size,
-                                      temperature, init, autocast=autocast)
+                                      temperature, init, autocast=autocast, metropolis=metropolis)
             outputs.append(to_uint8(out.mean) if self.is_image else out.sample)
         if not outputs:
             return torch.zeros((0, *self.vae.image_shape), dtype=torch.uint8 if self.is_image else torch.float32)

@@ -2,7 +2,7 @@
 
     python scripts/sample.py BUNDLE --n 50000 --out samples/ [--batch-size 64] [--chunk 64] [--steps K] [--step-size η]
                              [--temperature t] [--init prior|low-temp] [--seed 0] [--format png|npz]
-                             [--chains-every k] [--device cuda|cpu] [--autocast no|bf16]
+                             [--chains-every k] [--device cuda|cpu] [--autocast no|bf16] [--metropolis yes|no]
     accelerate launch --num_processes 8 scripts/sample.py BUNDLE --n 50000 --out samples/
 
 Image i depends only on (seed, i): its chain's noise comes from its own generator, and the networks run on
@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chains-every", type=int, default=0, help="also write each chain's states every k steps")
     parser.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     parser.add_argument("--autocast", choices=("no", "bf16"), default=None, help="Langevin energy passes in bf16")
+    parser.add_argument("--metropolis", choices=("yes", "no"), default=None,
+                        help="Metropolis-adjusted Langevin steps (default: the bundle's, as the energy was trained)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the SHA-256 check of the bundle's files (trusted, very large bundles only)")
     return parser.parse_args(argv)
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or (f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
     try:
         sampler = load_bundle(args.bundle, device=device, verify=not args.no_verify)
-        options = sampler.options(args.steps, args.step_size, args.temperature, args.init, args.autocast)
+        metropolis = None if args.metropolis is None else args.metropolis == "yes"
+        options = sampler.options(args.steps, args.step_size, args.temperature, args.init, args.autocast, metropolis)
     except (BundleError, SamplingOptionError) as err:
         raise UserError(str(err)) from None
     if args.chunk is not None:
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                 "chains_every": args.chains_every, "chunk": sampler.chunk, **options.as_dict()}
     check_settings(out, settings, rank)
     kwargs = dict(steps=options.steps, step_size=options.step_size, temperature=options.temperature,
-                  init=options.init, autocast=options.autocast, chains_every=args.chains_every)
+                  init=options.init, autocast=options.autocast, metropolis=options.metropolis,
+                  chains_every=args.chains_every)
 
     # The work of this process: indices (png) or chunks of indices (npz), minus what is on disk.
     if fmt == "png":

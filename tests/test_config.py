@@ -94,12 +94,13 @@ def test_bad_values_name_the_key(override, fragment):
     (["train.compile=true", "train.compile_backend=aot_eager"], "compile"),
 ])
 def test_the_slope_penalty_refuses_what_cannot_differentiate_it_twice(overrides, fragment):
-    """The toy2d energy's slope penalty needs double backpropagation: refused up front with fp16 (no loss scaler
-    for the inner gradient) and compiled energies; accepted in bf16, eagerly, and without the penalty."""
+    """The slope penalty needs double backpropagation: refused up front with fp16 (no loss scaler for the inner
+    gradient) and compiled energies; accepted in bf16, eagerly, and without the penalty."""
+    slope = ["vae.path=x", "optim.slope_coeff=0.01"]
     with pytest.raises(UserError, match=f"optim.slope_coeff.*{fragment}"):
-        load_config(VAEBMTrainingConfig, "vaebm", "toy2d", ["vae.path=x", *overrides])
-    load_config(VAEBMTrainingConfig, "vaebm", "toy2d", ["vae.path=x", *overrides, "optim.slope_coeff=0"])
-    load_config(VAEBMTrainingConfig, "vaebm", "toy2d", ["vae.path=x", "train.mixed_precision=bf16",
+        load_config(VAEBMTrainingConfig, "vaebm", "toy2d", [*slope, *overrides])
+    load_config(VAEBMTrainingConfig, "vaebm", "toy2d", [*slope, *overrides, "optim.slope_coeff=0"])
+    load_config(VAEBMTrainingConfig, "vaebm", "toy2d", [*slope, "train.mixed_precision=bf16",
                                                         "train.compile=true", "train.compile_backend=eager"])
 
 

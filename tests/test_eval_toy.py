@@ -106,3 +106,26 @@ def test_toy_likelihood_end_to_end(tmp_path):
     assert result["log_z_stderr"] > 0 and 0 < result["log_z_ess"] <= 4000
     for name in ("true", "vae", "vaebm_langevin", "vaebm_resampled"):
         assert (run_dir / f"samples_{name}.png").stat().st_size > 0
+
+
+def test_a_finished_run_is_read_without_taking_its_lock(tmp_path, monkeypatch):
+    """Experiments sharing a models folder reuse finished runs without resuming them (a resume takes the run's
+    lock, so two experiments reading the same VAE collided); an unfinished or corrupt one is trained again."""
+    import trainer.nvae.loop as nvae_loop
+    from trainer.evaluation.train_models import finished, train_nvae_run
+    from trainer.run.checkpoint import latest_checkpoint
+
+    overrides = ["train.max_steps=4", "train.checkpoint_every=2", "train.log_every=2"]
+    run_dir = train_nvae_run("toy2d", overrides, tmp_path, log=lambda line: None)
+    assert finished(run_dir, 4) and not finished(run_dir, 6)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(nvae_loop, "train_nvae", no_training)
+    assert train_nvae_run("toy2d", overrides, tmp_path, log=lambda line: None) == run_dir
+    weights = next(path for path in latest_checkpoint(run_dir).iterdir() if path.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # same size, different bytes
+    assert not finished(run_dir, 4)
+    with pytest.raises(AssertionError, match="trained again"):
+        train_nvae_run("toy2d", overrides, tmp_path, log=lambda line: None)

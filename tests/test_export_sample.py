@@ -222,6 +222,25 @@ def test_toy_bundle_writes_points(tmp_path):
         sample_main([str(bundle), "--n", "2", "--out", str(tmp_path / "png"), "--format", "png"])
 
 
+def test_a_bundle_samples_with_the_metropolis_adjustment_it_was_trained_with(tmp_path):
+    torch.manual_seed(0)
+    vae = MLPVAE(MLPVAEConfig(data_dim=2, latent_dim=4, hidden=16, depth=2))
+    cfg = EnergyNetConfig(kind="mlp", input_dim=2, hidden=16, depth=2)
+    energy = build_energy(cfg)
+    sampling = {"steps": 5, "step_size": 0.5, "temperature": 1.0, "autocast": "no"}  # large η: MALA refuses some moves
+    adjusted = save_bundle(tmp_path / "mala", vae, energy, cfg, sampling={**sampling, "metropolis": True})
+    plain = save_bundle(tmp_path / "ula", vae, energy, cfg, sampling=sampling)  # an older bundle: no key
+    runs = {"mala": [str(adjusted)], "ula": [str(plain)], "ula-yes": [str(plain), "--metropolis", "yes"],
+            "mala-no": [str(adjusted), "--metropolis", "no"]}
+    points = {}
+    for name, args in runs.items():
+        sample_main([*args, "--n", "64", "--out", str(tmp_path / name)])
+        points[name] = np.load(tmp_path / name / "points-000000.npz")["points"]
+    assert np.array_equal(points["mala"], points["ula-yes"]) and np.array_equal(points["ula"], points["mala-no"])
+    assert not np.allclose(points["mala"], points["ula"])
+    assert load_bundle(adjusted).options().metropolis and not load_bundle(plain).options().metropolis
+
+
 def test_bench_sample_reports_both_rates(bundle):
     from trainer.bench.sample import bench_sample
 

@@ -207,3 +207,28 @@ def test_bench_langevin_runs():
     out = bench_langevin(lambda n: gen(n[0]), energy, [(8,)], batch_size=4, steps=2, step_size=0.01, repeats=1)
     assert {"ld_step_s", "fwd_bwd_s", "ratio", "peak_mem_mb"} <= out.keys()
     assert out["ratio"] > 0 and math.isfinite(out["ratio"])
+
+
+def test_metropolis_adjustment_removes_the_step_size_bias():
+    # U(ε) = ½λ‖ε‖² with λ = 10 (E = 4.5‖ε‖²): the target variance is 1/λ = 0.1. At η = 0.3 unadjusted
+    # Langevin's stationary variance is 1/(λ(1 − ηλ/4)) = 0.4 (module docstring); MALA's is the target's.
+    energy = lambda noise: 4.5 * noise[0].square().sum(1)  # noqa: E731
+    start = [0.3 * torch.randn(20000, 2, generator=torch.Generator().manual_seed(0))]
+    unadjusted = langevin(start, energy, 200, 0.3, BatchNoise(torch.Generator().manual_seed(1)))
+    adjusted = langevin(start, energy, 200, 0.3, BatchNoise(torch.Generator().manual_seed(1)), metropolis=True)
+    assert unadjusted.noise[0].var(0).min() > 0.35 and len(unadjusted.acceptance) == 0
+    assert adjusted.noise[0].var(0).sub(0.1).abs().max() < 0.006  # ~6 standard errors of a variance from 20,000
+    assert adjusted.acceptance.shape == (200,) and 0.2 < float(adjusted.acceptance.mean()) < 0.8
+    assert adjusted.energy.shape == (200,) and "acceptance" in adjusted.summary()
+
+
+def test_metropolis_refuses_moves_into_an_overflowing_energy():
+    # The energy is +inf wherever ε₀ > 1: proposals there must be refused, chains stay finite.
+    def energy(noise):
+        x = noise[0]
+        return 0.5 * x.square().sum(1) + torch.zeros(len(x)).masked_fill(x[:, 0] > 1.0, float("inf"))
+
+    start = [torch.zeros(512, 2)]
+    result = langevin(start, energy, 50, 0.5, BatchNoise(torch.Generator().manual_seed(2)), metropolis=True)
+    assert torch.isfinite(result.noise[0]).all() and (result.noise[0][:, 0] <= 1.0).all()
+    assert 0.0 < float(result.acceptance.mean()) < 1.0

@@ -151,6 +151,7 @@ def test_toy2d_pipeline_mlp_vae_then_vaebm(tmp_path):
     assert "resuming from step 5" in resumed.stderr
     last = rows(ebm_dir)[-1]
     assert last["step"] == 10 and all(abs(last[k]) < 1e3 for k in ("energy_pos", "energy_neg"))
+    assert 0 < last["langevin_acceptance"] <= 1  # the preset's Metropolis-adjusted chains report their acceptance
 
 
 @pytest.mark.slow

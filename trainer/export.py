@@ -122,7 +122,8 @@ def read_run(run_dir: Path, step: int | None = None, weights: str | None = None)
     if weights is not None and weights != cfg.vae.weights:
         notes.append(f"warning: the energy was trained on the {cfg.vae.weights} VAE weights; exporting the {weights} ones")
     sampling = {"steps": cfg.langevin.sample_steps, "step_size": cfg.langevin.step_size,
-                "temperature": cfg.vae.temperature, "autocast": cfg.langevin.autocast}
+                "temperature": cfg.vae.temperature, "autocast": cfg.langevin.autocast,
+                "metropolis": cfg.langevin.metropolis}
     return RunSource("vaebm", run_dir, checkpoint, vae_config, Checkpoint(vae_checkpoint_dir), weights or cfg.vae.weights,
                      energy_config=cfg.energy, method=cfg.method, sampling=sampling, vae_run=vae_config_path.parent,
                      notes=tuple(notes))

@@ -108,6 +108,8 @@ class LangevinConfig:
                                      # prior's tails: negatives where chains from N(0, I) never go, so the energy
                                      # cannot dig wells there (README, "Energy methods"); 0: every chain from N(0, I)
     tail_std: float = 2.0            # initial std of those chains (test-time chains always start from N(0, I))
+    metropolis: bool = False         # Metropolis-adjusted steps (MALA): each update is accepted or refused, so chains
+                                     # never climb an energy too stiff for η (README, "25-Gaussians")
 
     def validate(self) -> None:
         """Check step counts, negatives mode, resample pool, step size, tail fraction and std, and autocast mode."""

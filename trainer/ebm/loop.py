@@ -175,9 +175,10 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
         # Image grids and FID after test-length Langevin (collective: each process runs a share).
         grid_due = step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)
         if is_image_model(vae) and grid_due:
-            log_chain_images(monitor, adapter, test_steps, cfg.langevin.step_size, step, device, accelerator)
+            log_chain_images(monitor, adapter, test_steps, cfg.langevin, step, device, accelerator)
         if fid is not None and fid.due(step, stop_step):
-            samples = chain_sample_fn(adapter, test_steps, cfg.langevin.step_size, cfg.train.seed, device)
+            samples = chain_sample_fn(adapter, test_steps, cfg.langevin.step_size, cfg.train.seed, device,
+                                      cfg.langevin.metropolis)
             log_fid(monitor, step, fid.evaluate(samples))
 
         # Checkpoint (never inside a streak of bad steps: those may be the start of a divergence).
@@ -309,6 +310,7 @@ def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | 
     return {"loss": result.loss, **terms, "langevin_grad_norm": float(chains.grad_norm.mean()),
             "langevin_energy_first": float(chains.energy[0]),
             "langevin_energy_last": float(chains.energy[-1]),
+            **({"langevin_acceptance": float(chains.acceptance.mean())} if len(chains.acceptance) else {}),
             "replay_fill": len(buffer) if buffer else 0, "replay_p": result.replay_p,
             "clip_fraction": result.clip_fraction, "img_per_s": progress.images_per_second(),
             "skipped_updates": progress.skipped_updates, "data/skipped_samples": skipped_samples,
@@ -391,13 +393,14 @@ def weights_finite(update: EnergyUpdate) -> bool:
 
 
 @torch.no_grad()
-def log_chain_images(monitor: RunMonitor, adapter: NoiseEnergy, steps: int, step_size: float, step: int,
+def log_chain_images(monitor: RunMonitor, adapter: NoiseEnergy, steps: int, langevin_cfg, step: int,
                      device, accelerator) -> None:
     """VAE samples (top row) beside the same chains after `steps` Langevin steps (bottom), fixed noise.
     Collective: every process runs its share of the chains, the main process writes the grid."""
     def before_and_after(chains: slice) -> torch.Tensor:  # [k, 2, C, H, W]
         initial, final = seeded_chains(adapter, chains.start, chains.stop - chains.start, seed=GRID_SEED,
-                                       steps=steps, step_size=step_size, device=device)
+                                       steps=steps, step_size=langevin_cfg.step_size, device=device,
+                                       metropolis=langevin_cfg.metropolis)
         return torch.stack([adapter.images(initial), adapter.images(final)], dim=1)
 
     grid = collective_rows(accelerator, GRID_CHAINS, before_and_after).transpose(0, 1).flatten(0, 1)

@@ -37,7 +37,8 @@ def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: i
         noise = [n[rows.start:rows.stop] for n in adapter.initial_noise(rows.total, generator, device)]
         noise = start_in_the_tails(adapter, noise, rows, langevin_cfg.tail_fraction, langevin_cfg.tail_std)
     chains = langevin(noise, adapter, langevin_cfg.steps, langevin_cfg.step_size,
-                      SlicedNoise(generator, rows), autocast_dtype=autocast_dtype)
+                      SlicedNoise(generator, rows), autocast_dtype=autocast_dtype,
+                      metropolis=langevin_cfg.metropolis)
     with torch.no_grad():
         negatives = adapter.negatives(chains.noise, use_mean=langevin_cfg.use_mu_cd)
     return chains, negatives

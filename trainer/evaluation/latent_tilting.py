@@ -130,6 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--datasets", default="gaussians,swissroll",
                         help="comma-separated toys to run, from: gaussians, swissroll (default: both)")
     parser.add_argument("--skip-digits", action="store_true", help="leave out the digits part (NVAE vs tilted NVAE)")
+    parser.add_argument("--toy-override", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override for the toys' tilt (preset vaebm/latent-tilting-toy2d); repeatable")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="trained runs and the digit classifier (default: RUN_DIR/models); shared folders reuse them")
 
@@ -164,12 +166,14 @@ def run(args: argparse.Namespace, report) -> dict:
     cpu_started = _cpu_seconds()
     seeds = [args.seed + k for k in range(settings.seeds)]
     per_seed = [evaluate_seed(seed, settings, toys, not args.skip_digits, models_dir, report,
-                              judge_seed=args.seed) for seed in seeds]
+                              judge_seed=args.seed, toy_overrides=args.toy_override) for seed in seeds]
     keys = [f"{name}_{key}" for name in toys for key in TOY_KEYS] + ([] if args.skip_digits else list(DIGIT_KEYS))
     results: dict = {"quick": bool(args.quick), "datasets": ",".join(toys)}
     applies = lambda key: (not args.skip_digits) if key.startswith("digits_") else bool(toys)
     results.update({key: value for key, value in asdict(settings).items() if applies(key)})
     results["seeds"] = seeds  # the seeds themselves (settings.seeds counts them)
+    if args.toy_override:
+        results["toy_overrides"] = list(args.toy_override)
     results.update(summarize_seeds(per_seed, keys))
     if len(seeds) == 1:  # one seed: its per-point standard errors instead of errors across seeds
         results.update({key: value for key, value in per_seed[0].items() if key.endswith("_stderr")})
@@ -195,13 +199,13 @@ def run(args: argparse.Namespace, report) -> dict:
 
 
 def evaluate_seed(seed: int, settings: Settings, toys: list[str], digits: bool, models_dir: Path, report,
-                  judge_seed: int) -> dict:
+                  judge_seed: int, toy_overrides: list[str] = ()) -> dict:
     """Every toy (and digits) with the models of one seed; figures for the first seed (`judge_seed`, also the
     seed of the digit classifier every seed is judged by)."""
     results: dict = {"seed": seed}
     figures = seed == judge_seed
     for name in toys:
-        toy = toy_experiment(name, settings, seed, models_dir, report, figures)
+        toy = toy_experiment(name, settings, seed, models_dir, report, figures, toy_overrides)
         results.update({f"{name}_{key}": value for key, value in toy.items()})
     if digits:
         results.update(digits_experiment(settings, seed, models_dir, report, figures, judge_seed))
@@ -226,7 +230,8 @@ def _tilt_overrides(settings: Settings, steps: int, batch: int, langevin_steps: 
     return overrides + ([] if settings.tail_fraction is None else [f"langevin.tail_fraction={settings.tail_fraction}"])
 
 
-def toy_experiment(name: str, settings: Settings, seed: int, models_dir: Path, report, figures: bool) -> dict:
+def toy_experiment(name: str, settings: Settings, seed: int, models_dir: Path, report, figures: bool,
+                   overrides: list[str] = ()) -> dict:
     """Train the VAE and its tilt on one toy, then sample quality and log-likelihoods (keys unprefixed)."""
     from trainer.evaluation.train_models import energy_gap_summary, sampler_for, train_nvae_run, train_vaebm_run
 
@@ -235,7 +240,7 @@ def toy_experiment(name: str, settings: Settings, seed: int, models_dir: Path, r
     vae_run = train_nvae_run("toy2d", [*common, f"train.max_steps={settings.vae_steps}"], models_dir, report.log)
     middle = time.perf_counter()
     tilt = _tilt_overrides(settings, settings.ebm_steps, settings.ebm_batch, settings.ebm_langevin_steps)
-    tilt_run = train_vaebm_run("latent-tilting-toy2d", vae_run, [*common, *tilt], models_dir, report.log)
+    tilt_run = train_vaebm_run("latent-tilting-toy2d", vae_run, [*common, *tilt, *overrides], models_dir, report.log)
     trained = time.perf_counter()
     results = {"vae_train_seconds": round(middle - started, 1), "ebm_train_seconds": round(trained - middle, 1)}
     results.update({key: value for key, value in energy_gap_summary(tilt_run).items() if key != "energy_gap_curve"})

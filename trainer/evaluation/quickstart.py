@@ -108,7 +108,7 @@ def toy_panels(vae_dir: Path, vaebm_dir: Path, seed: int) -> dict:
         data = truth.sample(TOY_POINTS, generator)
         vae_points = vae.sample(TOY_POINTS, generator=generator).x_sample
     _, final = seeded_chains(adapter, 0, TOY_POINTS, seed=seed, steps=langevin_cfg["sample_steps"],
-                             step_size=langevin_cfg["step_size"])
+                             step_size=langevin_cfg["step_size"], metropolis=langevin_cfg.get("metropolis", False))
     with torch.no_grad():
         vaebm_points = adapter.negatives(final)
     panels = [density_image(points, TOY_EXTENT, 3 * CELL) for points in (data, vae_points, vaebm_points)]

@@ -73,7 +73,8 @@ class Settings:
 FULL = Settings(vae_steps=None, ebm_steps=None, test_points=10_000, iwae_samples=2_000, log_z_samples=1_000_000,
                 grid_step=0.025, grid_extent=3.5, grid_iwae_samples=200, plot_points=20_000, seeds=3,
                 reference_pool=16_384)
-QUICK = Settings(vae_steps=None, ebm_steps=None, test_points=2_000, iwae_samples=500, log_z_samples=200_000,
+# Quick mode trains the energies for half the preset's 3,000 iterations, to fit in 10 minutes.
+QUICK = Settings(vae_steps=None, ebm_steps=1_500, test_points=2_000, iwae_samples=500, log_z_samples=200_000,
                  grid_step=0.05, grid_extent=3.5, grid_iwae_samples=50, plot_points=5_000, seeds=1,
                  reference_pool=4_096)
 
@@ -270,7 +271,8 @@ def sample_figures(truth, vae, energy, vae_points, ebm_dir: Path, settings: Sett
         "true": truth.sample(n, generator),
         "vae": vae_points[:n],
         "vaebm_langevin": vaebm_langevin_samples(vae, energy, n, steps, langevin_cfg["step_size"],
-                                                 derive_seed(seed, "toy-langevin")),
+                                                 derive_seed(seed, "toy-langevin"),
+                                                 metropolis=langevin_cfg.get("metropolis", False)),
         "vaebm_resampled": vae_points[torch.multinomial(weights, n, True, generator=generator)],
     }
     results = {"langevin_sample_steps": steps}
@@ -287,13 +289,14 @@ def sample_figures(truth, vae, energy, vae_points, ebm_dir: Path, settings: Sett
 
 
 def vaebm_langevin_samples(vae, energy, n: int, steps: int, step_size: float, seed: int,
-                           block: int = 4_096) -> torch.Tensor:
+                           block: int = 4_096, metropolis: bool = False) -> torch.Tensor:
     """VAEBM samples [n, 2]: chains from VAE noise, `steps` Langevin steps in ε-space, decoder samples.
     Chain i depends only on (seed, i)."""
     adapter = VAEBMEnergy(vae, energy, temperature=1.0)
     out = []
     for start in range(0, n, block):
-        _, final = seeded_chains(adapter, start, min(block, n - start), seed=seed, steps=steps, step_size=step_size)
+        _, final = seeded_chains(adapter, start, min(block, n - start), seed=seed, steps=steps, step_size=step_size,
+                                 metropolis=metropolis)
         with torch.no_grad():
             out.append(adapter.negatives(final, use_mean=False))
     return torch.cat(out)

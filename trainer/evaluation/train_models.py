@@ -77,8 +77,24 @@ def train_nvae_run(preset: str, overrides: Sequence[str], models_dir: Path, log:
     cfg = nvae_config(preset, overrides)
     run_dir = _run_dir("nvae", preset, cfg, models_dir)
     log(f"NVAE {preset} ({cfg.train.max_steps} steps, batch {cfg.train.global_batch_size}) in {run_dir}")
-    train_nvae(cfg, run_dir)
+    if not finished(run_dir, cfg.train.max_steps):
+        train_nvae(cfg, run_dir)
     return run_dir
+
+
+def finished(run_dir: Path, max_steps: int) -> bool:
+    """Whether the run's newest checkpoint is its last step and verifies. Such a run is read, not resumed: a
+    resume would take the run's lock, so two experiments sharing a models folder could not both read it."""
+    from trainer.run.checkpoint import list_checkpoints, verify_checkpoint
+
+    checkpoints = list_checkpoints(run_dir) if Path(run_dir).is_dir() else []
+    if not checkpoints or checkpoints[-1][0] != max_steps:
+        return False
+    try:
+        verify_checkpoint(checkpoints[-1][1])
+    except UserError:  # corrupt: the trainer's resume moves it aside and retrains from an earlier one
+        return False
+    return True
 
 
 def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models_dir: Path, log: Log = print) -> Path:
@@ -93,7 +109,8 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     run_dir = _run_dir("vaebm", preset, cfg, models_dir)
     log(f"VAEBM {preset} ({cfg.train.max_steps} steps, {cfg.langevin.steps} Langevin steps) in {run_dir}")
     try:
-        train_vaebm(cfg, run_dir)
+        if not finished(run_dir, cfg.train.max_steps):
+            train_vaebm(cfg, run_dir)
     except TrainingDiverged:
         raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower "
                         f"optim.lr") from None

@@ -55,12 +55,14 @@ class TrainingFid:
         return {"eval/fid": float(scores["fid"]), "eval/kid": float(scores["kid"])}
 
 
-def chain_sample_fn(adapter, steps: int, step_size: float, seed: int, device) -> Callable[[int, int], torch.Tensor]:
+def chain_sample_fn(adapter, steps: int, step_size: float, seed: int, device,
+                    metropolis: bool = False) -> Callable[[int, int], torch.Tensor]:
     """`sample_fn(start, count)` for `TrainingFid.evaluate`: decoder means [count, C, H, W] of chains start …
     start+count−1 after `steps` Langevin steps on the energy `adapter` (0: VAE samples, for which any adapter
     over the VAE serves, e.g. `NoiseEnergy(vae, None)`). Chain i depends only on (seed, i)."""
     def sample(start: int, count: int) -> torch.Tensor:
-        _, final = seeded_chains(adapter, start, count, seed=seed, steps=steps, step_size=step_size, device=device)
+        _, final = seeded_chains(adapter, start, count, seed=seed, steps=steps, step_size=step_size, device=device,
+                                 metropolis=metropolis)
         return adapter.images(final)
 
     return sample
