@@ -177,7 +177,7 @@ def toy_vae(tmp_path_factory):
 @pytest.mark.parametrize("preset, extra", [
     ("latent-tilting-toy2d", ["langevin.steps=4", "langevin.sample_steps=4"]),
     ("vaebm", ["method=joint-prior", "energy.kind=latent", "energy.hidden=16", "energy.depth=1",
-               "langevin.steps=4", "langevin.step_size=0.05", "langevin.sample_steps=4"]),
+               "langevin.steps=4", "langevin.step_size=0.05", "langevin.sample_steps=4", "optim.slope_coeff=0.01"]),
 ])
 @pytest.mark.slow
 def test_latent_method_trains_resumes_exactly_exports_and_samples(tmp_path, toy_vae, preset, extra):
@@ -197,8 +197,10 @@ def test_latent_method_trains_resumes_exactly_exports_and_samples(tmp_path, toy_
     row = json.loads((straight / "stats.jsonl").read_text().splitlines()[-1])
     # Logged and finite; that the methods learn (the sign of their gap) is tests/test_latent_method_toys.py's job.
     assert row["step"] == 4 and "energy_sq" in row and math.isfinite(row["energy_gap"])
-    # The toy2d preset's slope penalty runs here on the joint prior's per-group latent inputs (a list of tensors).
+    # The slope penalty runs here on the joint prior's per-group latent inputs (a list of tensors), and the toy2d
+    # preset's Metropolis-adjusted chains on them too (exact resume included).
     assert ("slope_sq" in row) == (preset == "toy2d") and math.isfinite(row.get("slope_sq", 0.0))
+    assert ("langevin_acceptance" in row) == (preset == "toy2d")
 
     bundle, samples = tmp_path / "bundle", tmp_path / "samples"
     run_script("export.py", str(straight), "--out", str(bundle))
