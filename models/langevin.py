@@ -214,37 +214,25 @@ def langevin(
             callback(t, [e.detach().clone() for e in eps])
 
     maybe_callback(0)
-    energy, grads = (potential_gradient(energy_fn, eps, moving, autocast_dtype) if metropolis and steps
-                     else (None, None))
     acceptance = []
+    # ∇U at the current state; each step leaves it computed at the state the next step starts from.
+    energy, grads = potential_gradient(energy_fn, eps, moving, autocast_dtype) if steps else (None, [])
     for t in range(steps):
-        if not metropolis:
-            energy, grads = potential_gradient(energy_fn, eps, moving, autocast_dtype)
         with torch.no_grad():
             energies.append(energy.float().mean())
             grad_norms.append(_per_chain_sq_norm(grads).sqrt().mean())
             noise_norms.append(_per_chain_sq_norm(moved).sqrt().mean())
             omegas = noise_source.sample(shapes, device)
-            if not metropolis:
+        if metropolis:
+            energy, grads, accepted = _metropolis_step(energy_fn, eps, moving, energy, grads, omegas, step_size,
+                                                       noise_source, autocast_dtype)
+            acceptance.append(accepted)
+        else:
+            with torch.no_grad():
                 for e, g, omega in zip(moved, grads, omegas):
                     e.add_(g, alpha=drift).add_(omega, alpha=diffusion)
-            else:
-                proposal = [e + drift * g + diffusion * omega for e, g, omega in zip(moved, grads, omegas)]
-                uniform = torch.special.ndtr(noise_source.sample([torch.Size((len(energy),))], device)[0])
-        if metropolis:
-            trial = list(eps)
-            for i, p in zip(moving, proposal):
-                trial[i] = p.requires_grad_(True)
-            trial_energy, trial_grads = potential_gradient(energy_fn, trial, moving, autocast_dtype)
-            with torch.no_grad():
-                accept = _metropolis_accept(energy, grads, moved, trial_energy, trial_grads, proposal,
-                                            step_size, uniform)
-                acceptance.append(accept.float().mean())
-                for e, p in zip(moved, proposal):
-                    e.copy_(torch.where(accept.view(-1, *[1] * (e.dim() - 1)), p, e))
-                energy = torch.where(accept, trial_energy.float(), energy.float())
-                grads = [torch.where(accept.view(-1, *[1] * (g.dim() - 1)), tg, g)
-                         for g, tg in zip(grads, trial_grads)]
+            if t + 1 < steps:
+                energy, grads = potential_gradient(energy_fn, eps, moving, autocast_dtype)
         maybe_callback(t + 1)
 
     def stacked(values: list[torch.Tensor]) -> torch.Tensor:
@@ -259,23 +247,42 @@ def langevin(
     )
 
 
-def _metropolis_accept(energy: torch.Tensor, grads: list[torch.Tensor], eps: list[torch.Tensor],
-                       trial_energy: torch.Tensor, trial_grads: list[torch.Tensor], trial: list[torch.Tensor],
-                       step_size: float, uniform: torch.Tensor) -> torch.Tensor:
-    """Which chains [B] (bool) accept the move ε → ε' (MALA's Metropolis–Hastings rule).
+def _metropolis_step(energy_fn: EnergyFn, eps: list[torch.Tensor], moving: Sequence[int], energy: torch.Tensor,
+                     grads: list[torch.Tensor], omegas: list[torch.Tensor], step_size: float,
+                     noise_source: NoiseSource, autocast_dtype: torch.dtype | None):
+    """One MALA step, in place on the moving tensors of `eps`: propose ε' = ε − (η/2)∇U(ε) + √η ω, evaluate
+    E and ∇U there, and keep ε' in the chains that accept it. Returns (E [B], ∇U) at the new states and the share
+    of chains that accepted.
 
-    `energy`, `trial_energy`: E at ε and ε' [B]; `grads`, `trial_grads`: ∇U there (moving tensors only);
-    `eps`, `trial`: the moving tensors; `uniform` [B] in (0, 1). The proposal density is
-    q(b | a) = N(b; a − (η/2)∇U(a), η I), so log q(b | a) = −‖b − a + (η/2)∇U(a)‖² / (2η) + const.
+    Acceptance: log u < U(ε) − U(ε') + log q(ε|ε') − log q(ε'|ε), with q(b | a) = N(b; a − (η/2)∇U(a), η I), i.e.
+    log q(b | a) = −‖b − a + (η/2)∇U(a)‖² / (2η) + const; u = Φ(n), n one more normal per chain from the noise
+    source. A non-finite trial (an energy that overflowed) is refused: log u < NaN is False.
     """
+    moved = [eps[i] for i in moving]
+    with torch.no_grad():
+        proposal = [e - 0.5 * step_size * g + math.sqrt(step_size) * omega for e, g, omega in zip(moved, grads, omegas)]
+        uniform = torch.special.ndtr(noise_source.sample([torch.Size((len(energy),))], moved[0].device)[0])
+    trial = list(eps)
+    for i, p in zip(moving, proposal):
+        trial[i] = p.requires_grad_(True)
+    trial_energy, trial_grads = potential_gradient(energy_fn, trial, moving, autocast_dtype)
+
     def log_q(to, frm, grad_frm):  # [B], up to the constant, which cancels
         return -_per_chain_sq_norm([b - a + 0.5 * step_size * g for b, a, g in zip(to, frm, grad_frm)]) / (2 * step_size)
 
-    potential = energy.float() + 0.5 * _per_chain_sq_norm(eps)
-    trial_potential = trial_energy.float() + 0.5 * _per_chain_sq_norm(trial)
-    log_ratio = (potential - trial_potential + log_q(eps, trial, trial_grads) - log_q(trial, eps, grads))
-    # A non-finite trial (an energy that overflowed) is refused; log(u) < NaN is False.
-    return torch.log(uniform) < log_ratio
+    with torch.no_grad():
+        potential = energy.float() + 0.5 * _per_chain_sq_norm(moved)
+        trial_potential = trial_energy.float() + 0.5 * _per_chain_sq_norm(proposal)
+        log_ratio = potential - trial_potential + log_q(moved, proposal, trial_grads) - log_q(proposal, moved, grads)
+        accept = torch.log(uniform) < log_ratio
+
+        def keep(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            return torch.where(accept.view(-1, *[1] * (old.dim() - 1)), new, old)
+
+        for e, p in zip(moved, proposal):
+            e.copy_(keep(p, e))
+        return (keep(trial_energy.float(), energy.float()), [keep(tg, g) for g, tg in zip(grads, trial_grads)],
+                accept.float().mean())
 
 
 def potential_gradient(energy_fn: EnergyFn, eps: list[torch.Tensor], moving: Sequence[int],

@@ -175,7 +175,8 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
         # Image grids and FID after test-length Langevin (collective: each process runs a share).
         grid_due = step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)
         if is_image_model(vae) and grid_due:
-            log_chain_images(monitor, adapter, test_steps, cfg.langevin, step, device, accelerator)
+            log_chain_images(monitor, adapter, test_steps, cfg.langevin.step_size, cfg.langevin.metropolis, step,
+                             device, accelerator)
         if fid is not None and fid.due(step, stop_step):
             samples = chain_sample_fn(adapter, test_steps, cfg.langevin.step_size, cfg.train.seed, device,
                                       cfg.langevin.metropolis)
@@ -393,14 +394,13 @@ def weights_finite(update: EnergyUpdate) -> bool:
 
 
 @torch.no_grad()
-def log_chain_images(monitor: RunMonitor, adapter: NoiseEnergy, steps: int, langevin_cfg, step: int,
-                     device, accelerator) -> None:
+def log_chain_images(monitor: RunMonitor, adapter: NoiseEnergy, steps: int, step_size: float, metropolis: bool,
+                     step: int, device, accelerator) -> None:
     """VAE samples (top row) beside the same chains after `steps` Langevin steps (bottom), fixed noise.
     Collective: every process runs its share of the chains, the main process writes the grid."""
     def before_and_after(chains: slice) -> torch.Tensor:  # [k, 2, C, H, W]
         initial, final = seeded_chains(adapter, chains.start, chains.stop - chains.start, seed=GRID_SEED,
-                                       steps=steps, step_size=langevin_cfg.step_size, device=device,
-                                       metropolis=langevin_cfg.metropolis)
+                                       steps=steps, step_size=step_size, device=device, metropolis=metropolis)
         return torch.stack([adapter.images(initial), adapter.images(final)], dim=1)
 
     grid = collective_rows(accelerator, GRID_CHAINS, before_and_after).transpose(0, 1).flatten(0, 1)
