@@ -2,6 +2,7 @@
 tiny end-to-end run of `scripts/evaluate.py toy-likelihood`."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,30 @@ def test_a_finished_run_is_read_without_taking_its_lock(tmp_path, monkeypatch):
     assert not finished(run_dir, 4)
     with pytest.raises(AssertionError, match="trained again"):
         train_nvae_run("toy2d", overrides, tmp_path, log=lambda line: None)
+
+
+def test_an_energy_of_an_older_vae_checkpoint_is_not_reused(tmp_path):
+    """An energy run belongs to the VAE checkpoint it trained against: once the VAE run has been trained further,
+    asking for the same energy trains a new run (and the VAE's bundle is exported again), instead of handing
+    back an energy, or samples, of the VAE as it was."""
+    from trainer.evaluation.train_models import nvae_config, sampler_for, train_nvae_run, train_vaebm_run
+    from trainer.nvae.loop import train_nvae
+    from trainer.run.checkpoint import Checkpoint, latest_checkpoint
+
+    quiet = {"log": lambda line: None}
+    vae_overrides = ["train.max_steps=4", "train.checkpoint_every=2", "train.log_every=2"]
+    vae_run = train_nvae_run("toy2d", vae_overrides, tmp_path, **quiet)
+    energy = ["train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "langevin.steps=2",
+              "langevin.resample_pool=64", "train.global_batch_size=16", "train.per_device_batch_size=16"]
+    first = train_vaebm_run("toy2d", vae_run, energy, tmp_path, **quiet)
+    assert train_vaebm_run("toy2d", vae_run, energy, tmp_path, **quiet) == first  # found again
+    first_bundle = sampler_for(vae_run, temperatures=(), **quiet)
+
+    train_nvae(nvae_config("toy2d", [*vae_overrides[1:], "train.max_steps=6"]), vae_run)  # the VAE trained on
+    second = train_vaebm_run("toy2d", vae_run, energy, tmp_path, **quiet)
+    assert second != first and (second / "checkpoints").is_dir()
+    pinned = [Checkpoint(latest_checkpoint(run)).json("state.json")["vae_checkpoint"] for run in (first, second)]
+    assert [int(Path(path).name.split("-")[-1]) for path in pinned] == [4, 6]
+    assert sampler_for(vae_run, temperatures=(), **quiet).vae is not first_bundle.vae
+    assert sorted(path.name for path in vae_run.glob("bundle-*")) == ["bundle-tnone-bn500-s0-step4",
+                                                                         "bundle-tnone-bn500-s0-step6"]

@@ -35,8 +35,8 @@ _NOT_HASHED_SECTIONS = {"eval"}
 _QUIET = ["train.progress_bar=false"]
 
 
-def _run_dir(kind: str, preset: str, cfg, models_dir: Path) -> Path:
-    """models_dir/<kind>-<preset stem>-<10 hex digits of the resolved config>.
+def _run_dir(kind: str, preset: str, cfg, models_dir: Path, extra: dict | None = None) -> Path:
+    """models_dir/<kind>-<preset stem>-<10 hex digits of the resolved config (and `extra`)>.
 
     Only values that differ from the config classes' defaults are hashed, so a key added to the config tree
     later (with a default that keeps the old behaviour) does not make finished runs unfindable."""
@@ -52,6 +52,7 @@ def _run_dir(kind: str, preset: str, cfg, models_dir: Path) -> Path:
         tree[name] = {key: value for key, value in section.items() if key not in base or base[key] != value}
     for section, key in _NOT_HASHED:
         tree.get(section, {}).pop(key, None)
+    tree.update(extra or {})
     digest = hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:10]
     return Path(models_dir) / f"{kind}-{Path(preset).stem}-{digest}"
 
@@ -104,9 +105,13 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     of a diverged energy. Its log says at which step and why; lower `optim.lr` or the step count.
     """
     from trainer.ebm.loop import train_vaebm
+    from trainer.ebm.sources import resolve_vae_checkpoint
 
     cfg = vaebm_config(preset, vae_run, overrides)
-    run_dir = _run_dir("vaebm", preset, cfg, models_dir)
+    # The energy belongs to the VAE checkpoint it trains against, not only to the VAE run: if that run was
+    # trained further since, its newest checkpoint is another VAE, and an energy of the older one is not reused.
+    vae_checkpoint = resolve_vae_checkpoint(vae_run)[0]
+    run_dir = _run_dir("vaebm", preset, cfg, models_dir, {"vae_checkpoint": vae_checkpoint.name})
     log(f"VAEBM {preset} ({cfg.train.max_steps} steps, {cfg.langevin.steps} Langevin steps) in {run_dir}")
     try:
         if not finished(run_dir, cfg.train.max_steps):
@@ -130,7 +135,14 @@ def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_pas
     import models
     from trainer.export import export_run
 
-    at = "" if step is None else f"-step{step}"
+    from trainer.run.checkpoint import list_checkpoints
+
+    if step is None:  # the newest, named by its step: a run trained further since gets a bundle of its own
+        checkpoints = list_checkpoints(run_dir) if Path(run_dir).is_dir() else []
+        if not checkpoints:
+            raise UserError(f"run '{run_dir}' has no complete checkpoint")
+        step = checkpoints[-1][0]
+    at = f"-step{step}"
     bundle = Path(run_dir) / f"bundle-t{'_'.join(f'{t:g}' for t in temperatures) or 'none'}-bn{bn_passes}-s{seed}{at}"
     if not (bundle / "bundle.json").is_file():
         export_run(Path(run_dir), bundle, step=step, temperatures=tuple(temperatures), bn_passes=bn_passes, seed=seed,
