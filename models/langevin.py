@@ -133,6 +133,8 @@ class LangevinResult:
     update): `grad_norm` = mean over chains of ‖∇U‖ (all tensors together), `noise_norm` = mean over
     chains of ‖ε‖, `energy` = mean over chains of E (without the ½‖ε‖² term). `acceptance` [steps]: the
     share of chains whose proposal step t accepted (Metropolis-adjusted runs only; empty otherwise).
+    `start_ess`: set by the trainer when chains start from resampled prior draws (`langevin.start_pool`):
+    the effective sample size of the pool's weights per chain started (below 1: starts repeat).
     """
 
     noise: list[torch.Tensor]
@@ -140,6 +142,7 @@ class LangevinResult:
     noise_norm: torch.Tensor
     energy: torch.Tensor
     acceptance: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(0))
+    start_ess: float | None = None
 
     def summary(self) -> dict[str, float]:
         """First/last values, for logging."""

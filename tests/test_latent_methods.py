@@ -148,6 +148,52 @@ def test_tail_chains_start_a_share_of_the_fresh_chains_in_the_prior_tails():
     assert 3.7 < float(norms[:2000].mean() / norms[2000:].mean()) < 4.3
 
 
+def test_resampled_starts_bring_fresh_chains_in_the_models_proportions():
+    """langevin.start_pool: fresh chains start from prior draws resampled by exp(−E), so an energy that makes one
+    half of data space e^6 times likelier gets its share of chain starts there (plain starts: half); replayed
+    chains keep their stored ε_z and come first."""
+    from trainer.config.ebm import LangevinConfig
+    from trainer.ebm.negatives import negative_samples
+    from trainer.ebm.replay import ReplayBuffer
+
+    vae = small_vae()
+    probe = build_adapter("vaebm", vae, lambda x: x[:, 0])
+    split = probe.negatives(probe.initial_noise(8000, torch.Generator().manual_seed(0), "cpu"))[:, 0].median()
+    adapter = build_adapter("vaebm", vae, lambda x: -3.0 * torch.tanh(20 * (x[:, 0] - split)))
+    right = lambda chains: float((adapter.negatives(chains.noise)[:, 0] > split).float().mean())
+    frozen = dict(steps=1, step_size=1e-10)  # chains that keep their starts
+    plain, _ = negative_samples(adapter, None, 2000, 0.0, torch.Generator().manual_seed(1), LangevinConfig(**frozen))
+    resampled, _ = negative_samples(adapter, None, 2000, 0.0, torch.Generator().manual_seed(1),
+                                    LangevinConfig(**frozen, start_pool=16))
+    assert 0.45 < right(plain) < 0.55
+    assert right(resampled) > 0.97  # h: e^6 / (1 + e^6) = 0.9975 on the right
+    # Half the pool carries the weight: an effective pool of about 8 of the 16 draws per chain.
+    assert plain.start_ess is None and 7.0 < resampled.start_ess < 9.0
+
+    buffer = ReplayBuffer([(4,)], capacity=4000)
+    stored = torch.full((4000, 4), 7.0)
+    buffer.push([stored])
+    chains, _ = negative_samples(adapter, buffer, 2000, 0.5, torch.Generator().manual_seed(2),
+                                 LangevinConfig(**frozen, start_pool=16))
+    replayed = int(torch.isclose(chains.noise[0], stored[:2000], atol=1e-3).all(dim=1).sum())
+    assert 900 < replayed < 1100 and torch.isclose(chains.noise[0][:replayed], stored[:replayed], atol=1e-3).all()
+    fresh = [n[replayed:] for n in chains.noise]
+    assert float((adapter.negatives(fresh)[:, 0] > split).float().mean()) > 0.97
+
+
+def test_start_pool_is_validated():
+    from trainer.config.ebm import VAEBMTrainingConfig
+    from trainer.config.loader import load_config
+    from trainer.errors import UserError
+
+    cfg = lambda *o: load_config(VAEBMTrainingConfig, "vaebm", "toy2d", ["vae.path=/x", *o])
+    assert cfg("langevin.start_pool=8").langevin.start_pool == 8
+    assert cfg("langevin.negatives=resample").langevin.start_pool == 16  # exact negatives start no chains
+    for bad in (["langevin.start_pool=0"], ["langevin.start_pool=8", "langevin.tail_fraction=0.1"]):
+        with pytest.raises(UserError, match="start_pool"):
+            cfg(*bad)
+
+
 def test_tail_chains_need_fresh_langevin_chains(tmp_path, toy_vae):
     result = run_script("train_vaebm.py", "--config", "latent-tilting-toy2d", "--vae", str(toy_vae), "--run-dir",
                         str(tmp_path / "r"), "replay.enabled=true", check=False)

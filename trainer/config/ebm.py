@@ -93,7 +93,7 @@ class EBMOptimConfig:
 
 @dataclass
 class LangevinConfig:
-    """Langevin negatives: steps, step size, precision, test-time steps, exact resampling and tail starts."""
+    """Langevin negatives: steps, step size, precision, test-time steps, exact resampling, tail and resampled starts."""
 
     steps: int = 10                  # K, Langevin steps per training iteration
     step_size: float = 8e-5          # η (the injected noise has std √η)
@@ -110,6 +110,9 @@ class LangevinConfig:
     tail_std: float = 2.0            # initial std of those chains (test-time chains always start from N(0, I))
     metropolis: bool = False         # Metropolis-adjusted steps (MALA): each update is accepted or refused, so chains
                                      # never climb an energy too stiff for η (README, "25-Gaussians")
+    start_pool: int = 1              # fresh chains start from prior draws importance-resampled by exp(−E): start_pool
+                                     # candidates per fresh chain, so their modes come in the model's proportions,
+                                     # which local steps cannot fix (README, "25-Gaussians"); 1: plain N(0, I) draws
 
     def validate(self) -> None:
         """Check step counts, negatives mode, resample pool, step size, tail fraction and std, and autocast mode."""
@@ -119,6 +122,8 @@ class LangevinConfig:
             raise ValueError(f"negatives must be one of {', '.join(NEGATIVES)}, got '{self.negatives}'")
         if self.resample_pool < 1:
             raise ValueError(f"resample_pool must be >= 1, got {self.resample_pool}")
+        if self.start_pool < 1:
+            raise ValueError(f"start_pool must be >= 1, got {self.start_pool}")
         if not 0 < self.step_size <= 1:
             raise ValueError(f"step_size must be in (0, 1], got {self.step_size}")
         if not 0.0 <= self.tail_fraction <= 1.0 or not self.tail_std > 0:
@@ -191,6 +196,9 @@ class VAEBMTrainingConfig:
         if self.langevin.tail_fraction and (self.replay.enabled or self.langevin.negatives != "langevin"):
             raise ValueError("langevin.tail_fraction starts fresh Langevin chains from the prior's tails: it needs "
                              "replay.enabled=false and langevin.negatives=langevin")
+        if self.langevin.start_pool > 1 and self.langevin.tail_fraction:
+            raise ValueError("langevin.start_pool resamples the fresh chains' starts by the energy, "
+                             "langevin.tail_fraction widens them: use one of the two")
         if self.optim.slope_coeff and self.train.mixed_precision == "fp16":
             raise ValueError("optim.slope_coeff differentiates E twice, and its inner gradient would run in fp16 "
                              "without the loss scaler: use train.mixed_precision=bf16 or no")

@@ -312,6 +312,7 @@ def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | 
             "langevin_energy_first": float(chains.energy[0]),
             "langevin_energy_last": float(chains.energy[-1]),
             **({"langevin_acceptance": float(chains.acceptance.mean())} if len(chains.acceptance) else {}),
+            **({"langevin_start_ess": chains.start_ess} if chains.start_ess is not None else {}),
             "replay_fill": len(buffer) if buffer else 0, "replay_p": result.replay_p,
             "clip_fraction": result.clip_fraction, "img_per_s": progress.images_per_second(),
             "skipped_updates": progress.skipped_updates, "data/skipped_samples": skipped_samples,

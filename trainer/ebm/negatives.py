@@ -1,8 +1,9 @@
 """Where an energy iteration's negatives come from (`trainer/ebm/loop.py` calls `negative_samples`).
 
 Langevin chains in the VAE's noise space (VAEBM §3.2): the initial noise is ε_z from the replay buffer with
-probability p or fresh (a share of the fresh chains started in the prior's tails), ε_x fresh; K steps of the
-one sampler (`models/langevin.py`); the negatives are what the energy scores of the final noise. For 2-D toys
+probability p or fresh (a share of the fresh chains started in the prior's tails, or every fresh chain started
+from prior draws resampled by exp(−E) with `langevin.start_pool`), ε_x fresh; K steps of the one sampler
+(`models/langevin.py`); the negatives are what the energy scores of the final noise. For 2-D toys
 `langevin.negatives: resample` replaces the chains by exact draws from h (importance resampling), the
 reference trainer of README, "25-Gaussians".
 """
@@ -30,15 +31,24 @@ def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: i
     rows = rows or BatchRows(0, batch, batch)
     if langevin_cfg.negatives == "resample":
         return resampled_negatives(adapter, batch, langevin_cfg.resample_pool, generator)
+    pool, start_ess = langevin_cfg.start_pool, None
     if buffer is not None:  # per-process entries: these chains depend on the number of processes
-        eps_z, _ = buffer.draw(batch, p, generator, device)
+        eps_z, replayed = buffer.draw(batch, p, generator, device)
         noise = adapter.chain_noise(eps_z, generator)
+        if pool > 1 and replayed < batch:  # the fresh chains come last
+            fresh, start_ess = resampled_starts(adapter, batch - replayed, pool, generator)
+            noise = [torch.cat([n[:replayed], f]) for n, f in zip(noise, fresh)]
     else:
-        noise = [n[rows.start:rows.stop] for n in adapter.initial_noise(rows.total, generator, device)]
+        if pool > 1:  # resampled from one global pool, so that every process draws the same starts
+            noise, start_ess = resampled_starts(adapter, rows.total, pool, generator)
+        else:
+            noise = adapter.initial_noise(rows.total, generator, device)
+        noise = [n[rows.start:rows.stop] for n in noise]
         noise = start_in_the_tails(adapter, noise, rows, langevin_cfg.tail_fraction, langevin_cfg.tail_std)
     chains = langevin(noise, adapter, langevin_cfg.steps, langevin_cfg.step_size,
                       SlicedNoise(generator, rows), autocast_dtype=autocast_dtype,
                       metropolis=langevin_cfg.metropolis)
+    chains.start_ess = start_ess
     with torch.no_grad():
         negatives = adapter.negatives(chains.noise, use_mean=langevin_cfg.use_mu_cd)
     return chains, negatives
@@ -64,16 +74,39 @@ def start_in_the_tails(adapter: NoiseEnergy, noise: list[torch.Tensor], rows: Ba
 
 
 @torch.no_grad()
+def importance_resample(adapter: NoiseEnergy, count: int, pool: int, generator: torch.Generator):
+    """`count` draws from h(ε) ∝ N(ε; 0, I)·exp(−E(T(ε))) by importance resampling `pool` fresh prior draws
+    with weights exp(−E) (self-normalized, with replacement; exact as the pool grows). Returns (the pool's
+    noise, what the energy scored [pool, ...], its energies [pool] in fp32, the chosen indices [count])."""
+    noise = adapter.initial_noise(pool, generator, generator.device)
+    candidates = adapter.negatives(noise)
+    energies = adapter.energy(candidates).float()
+    chosen = torch.multinomial(torch.softmax(-energies, 0), count, replacement=True, generator=generator)
+    return noise, candidates, energies, chosen
+
+
+def resampled_starts(adapter: NoiseEnergy, count: int, per_chain: int, generator: torch.Generator):
+    """Initial noise of `count` fresh chains, resampled from `per_chain`·count prior draws by exp(−E)
+    (`langevin.start_pool`): one chain per row of each returned tensor [count, ...].
+
+    Why: K local steps move a chain within a mode, not across, so chains from N(0, I) or the replay buffer
+    keep their starts' mode proportions and the contrastive gradient never sees the modes' relative weights
+    (README, "25-Gaussians"). Resampled starts arrive in (nearly) the model's proportions; the chains then
+    correct what the small pool gets wrong within a mode. The pool is `per_chain` energy evaluations per
+    fresh chain, without gradients. Also returns the pool's effective sample size per chain, (Σw)²/Σw²/count:
+    below 1 the starts repeat (an energy too peaked for the pool, as in high dimension)."""
+    noise, _, energies, chosen = importance_resample(adapter, count, per_chain * count, generator)
+    weights = torch.softmax(-energies, 0)
+    return [n[chosen] for n in noise], float(1.0 / weights.square().sum()) / count
+
+
+@torch.no_grad()
 def resampled_negatives(adapter: NoiseEnergy, batch: int, pool: int, generator: torch.Generator):
     """Exact negatives for 2-D toys (`langevin.negatives: resample`): `batch` draws from
     h ∝ p_vae·exp(−E), by importance resampling `pool` fresh VAE samples with weights exp(−E(x))
     (self-normalized; exact as the pool grows). Returns (a `LangevinResult` holding the chosen noise,
     no steps taken, and the chosen negatives)."""
-    device = generator.device
-    noise = adapter.initial_noise(pool, generator, device)
-    candidates = adapter.negatives(noise)
-    energies = adapter.energy(candidates).float()
-    chosen = torch.multinomial(torch.softmax(-energies, 0), batch, replacement=True, generator=generator)
+    noise, candidates, energies, chosen = importance_resample(adapter, batch, pool, generator)
     picked = [n[chosen] for n in noise]
     result = LangevinResult(noise=picked, grad_norm=torch.zeros(1), noise_norm=torch.zeros(1),
                             energy=energies[chosen].mean().reshape(1).cpu())

@@ -230,7 +230,8 @@ def train_models(report, seed: int, settings: Settings, vae_overrides: list[str]
     timings["ebm_train_seconds"] = lap()
     reference_run = None
     if reference:
-        exact = ["langevin.negatives=resample", f"langevin.resample_pool={settings.reference_pool}"]
+        exact = ["langevin.negatives=resample", f"langevin.resample_pool={settings.reference_pool}",
+                 "langevin.start_pool=1"]  # exact negatives need no chain starts
         reference_run = train_vaebm_run("toy2d", vae_run, [*energy, *exact], models_dir, report.log)
     timings["reference_train_seconds"] = lap()
     return vae_run, ebm_run, reference_run, timings
