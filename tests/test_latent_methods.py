@@ -180,6 +180,13 @@ def test_resampled_starts_bring_fresh_chains_in_the_models_proportions():
     fresh = [n[replayed:] for n in chains.noise]
     assert float((adapter.negatives(fresh)[:, 0] > split).float().mean()) > 0.97
 
+    # With tail chains: the first tail_fraction of the chains start wide and unweighted, the rest resampled.
+    tails, _ = negative_samples(adapter, None, 2000, 0.0, torch.Generator().manual_seed(3),
+                                LangevinConfig(**frozen, start_pool=16, tail_fraction=0.25, tail_std=3.0))
+    wide, rest = tails.noise[0][:500], [n[500:] for n in tails.noise]
+    assert 2.7 < float(wide.norm(dim=1).mean() / plain.noise[0].norm(dim=1).mean()) < 3.3
+    assert float((adapter.negatives(rest)[:, 0] > split).float().mean()) > 0.97
+
 
 def test_start_pool_is_validated():
     from trainer.config.ebm import VAEBMTrainingConfig
@@ -189,14 +196,13 @@ def test_start_pool_is_validated():
     cfg = lambda *o: load_config(VAEBMTrainingConfig, "vaebm", "toy2d", ["vae.path=/x", *o])
     assert cfg("langevin.start_pool=8").langevin.start_pool == 8
     assert cfg("langevin.negatives=resample").langevin.start_pool == 16  # exact negatives start no chains
-    for bad in (["langevin.start_pool=0"], ["langevin.start_pool=8", "langevin.tail_fraction=0.1"]):
-        with pytest.raises(UserError, match="start_pool"):
-            cfg(*bad)
+    with pytest.raises(UserError, match="start_pool"):
+        cfg("langevin.start_pool=0")
 
 
 def test_tail_chains_need_fresh_langevin_chains(tmp_path, toy_vae):
     result = run_script("train_vaebm.py", "--config", "latent-tilting-toy2d", "--vae", str(toy_vae), "--run-dir",
-                        str(tmp_path / "r"), "replay.enabled=true", check=False)
+                        str(tmp_path / "r"), "langevin.tail_fraction=0.25", "replay.enabled=true", check=False)
     assert result.returncode == 2 and "tail_fraction" in result.stderr and "Traceback" not in result.stderr
 
 

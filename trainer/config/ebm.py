@@ -112,7 +112,8 @@ class LangevinConfig:
                                      # never climb an energy too stiff for η (README, "25-Gaussians")
     start_pool: int = 1              # fresh chains start from prior draws importance-resampled by exp(−E): start_pool
                                      # candidates per fresh chain, so their modes come in the model's proportions,
-                                     # which local steps cannot fix (README, "25-Gaussians"); 1: plain N(0, I) draws
+                                     # which local steps cannot fix (README, "25-Gaussians"); 1: plain N(0, I) draws;
+                                     # with tail_fraction, the tail chains come first and are not resampled
 
     def validate(self) -> None:
         """Check step counts, negatives mode, resample pool, step size, tail fraction and std, and autocast mode."""
@@ -196,9 +197,6 @@ class VAEBMTrainingConfig:
         if self.langevin.tail_fraction and (self.replay.enabled or self.langevin.negatives != "langevin"):
             raise ValueError("langevin.tail_fraction starts fresh Langevin chains from the prior's tails: it needs "
                              "replay.enabled=false and langevin.negatives=langevin")
-        if self.langevin.start_pool > 1 and self.langevin.tail_fraction:
-            raise ValueError("langevin.start_pool resamples the fresh chains' starts by the energy, "
-                             "langevin.tail_fraction widens them: use one of the two")
         if self.optim.slope_coeff and self.train.mixed_precision == "fp16":
             raise ValueError("optim.slope_coeff differentiates E twice, and its inner gradient would run in fp16 "
                              "without the loss scaler: use train.mixed_precision=bf16 or no")

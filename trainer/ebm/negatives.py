@@ -1,8 +1,8 @@
 """Where an energy iteration's negatives come from (`trainer/ebm/loop.py` calls `negative_samples`).
 
 Langevin chains in the VAE's noise space (VAEBM §3.2): the initial noise is ε_z from the replay buffer with
-probability p or fresh (a share of the fresh chains started in the prior's tails, or every fresh chain started
-from prior draws resampled by exp(−E) with `langevin.start_pool`), ε_x fresh; K steps of the one sampler
+probability p or fresh (a share of the fresh chains started in the prior's tails with `langevin.tail_fraction`,
+the other fresh chains from prior draws resampled by exp(−E) with `langevin.start_pool`), ε_x fresh; K steps of the one sampler
 (`models/langevin.py`); the negatives are what the energy scores of the final noise. For 2-D toys
 `langevin.negatives: resample` replaces the chains by exact draws from h (importance resampling), the
 reference trainer of README, "25-Gaussians".
@@ -39,8 +39,12 @@ def negative_samples(adapter: NoiseEnergy, buffer: ReplayBuffer | None, batch: i
             fresh, start_ess = resampled_starts(adapter, batch - replayed, pool, generator)
             noise = [torch.cat([n[:replayed], f]) for n, f in zip(noise, fresh)]
     else:
+        tail = round(langevin_cfg.tail_fraction * rows.total)
         if pool > 1:  # resampled from one global pool, so that every process draws the same starts
-            noise, start_ess = resampled_starts(adapter, rows.total, pool, generator)
+            noise, start_ess = resampled_starts(adapter, rows.total - tail, pool, generator)
+            if tail:  # the tail chains come first and start from plain draws, widened below
+                plain = adapter.initial_noise(tail, generator, device)
+                noise = [torch.cat([t, n]) for t, n in zip(plain, noise)]
         else:
             noise = adapter.initial_noise(rows.total, generator, device)
         noise = [n[rows.start:rows.stop] for n in noise]

@@ -8,9 +8,10 @@ the one EBM loop (`models/adapters.py`), Langevin in ε_z only. Per seed (full m
 
 1. 2-D toys (25-Gaussians, Swiss roll): the MLP VAE of preset nvae/toy2d, then the tilt of preset
    vaebm/latent-tilting-toy2d (the paper's App. B: 60 training Langevin steps at step size 0.01, 100 at
-   sampling, energy regularization 0.1; 3,000 iterations, see the preset; Adam with its default betas and no
-   clip, as the paper names no other optimizer; a quarter of the training chains start from the prior's tails, `langevin.
-   tail_fraction`, which `--tail-fraction` sets for the toys' and the digits' tilt: 0 compares without),
+   sampling; 3,000 iterations and energy regularization 0.01 instead of the paper's 0.1, see the preset; Adam
+   with its default betas and no clip, as the paper names no other optimizer; training chains start from prior
+   draws resampled by exp(−E), `langevin.start_pool`; `--tail-fraction` starts that share of the toys' and the
+   digits' training chains from the prior's tails, `langevin.tail_fraction`),
    both with `data.dataset` set to the toy. Everything runs at temperature 1. Keys `<toy>_...`:
    - hq_frac: share of points near the truth: within 3 component std of a mode (25-Gaussians), within
      3 × the data noise (0.15) of the noiseless roll curve (Swiss roll). `true_` is the truth's own share.
