@@ -2,8 +2,8 @@
 
 Langevin chains in the VAE's noise space (VAEBM §3.2): the initial noise is ε_z from the replay buffer with
 probability p or fresh (a share of the fresh chains started in the prior's tails with `langevin.tail_fraction`,
-the other fresh chains from prior draws resampled by exp(−E) with `langevin.start_pool`), ε_x fresh; K steps of the one sampler
-(`models/langevin.py`); the negatives are what the energy scores of the final noise. For 2-D toys
+the other fresh chains from prior draws resampled by exp(−E) with `langevin.start_pool`), ε_x fresh; K steps of
+the one sampler (`models/langevin.py`); the negatives are what the energy scores of the final noise. For 2-D toys
 `langevin.negatives: resample` replaces the chains by exact draws from h (importance resampling), the
 reference trainer of README, "25-Gaussians".
 """

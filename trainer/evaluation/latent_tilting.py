@@ -107,8 +107,9 @@ class Settings:
 
 
 # Full: the paper's toy protocol (App. B: 60 Langevin steps, 100 at sampling) for the preset's 3,000 iterations (the
-# 2-D energy is flat for its first 400-1,100), a VAE trained longer than nvae/toy2d's 4,000 steps, 3 seeds. The digits tilt stays at 300 iterations (each costs 60 NVAE
-# decoder passes on CPU). `base_log_mass_grid` ≈ 0 checks that the grid's cells resolve the VAE's density.
+# 2-D energy is flat for its first 400-1,100), a VAE trained longer than nvae/toy2d's 4,000 steps, 3 seeds. The
+# digits tilt stays at 300 iterations (each costs 60 NVAE decoder passes on CPU). `base_log_mass_grid` ≈ 0 checks
+# that the grid's cells resolve the VAE's density.
 FULL = Settings(vae_steps=12_000, ebm_steps=3_000, ebm_batch=256, ebm_langevin_steps=60, sample_steps=100,
                 tail_fraction=None, samples=10_000, test_points=10_000, iwae_samples=500, log_z_samples=1_000_000,
                 grid_step=0.05, grid_extent=3.5, grid_iwae_samples=100,
