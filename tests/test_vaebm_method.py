@@ -182,3 +182,29 @@ def test_energy_training_leaves_the_frozen_nvae_untouched(nvae_run):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, changed
     assert all(p.grad is None for p in vae.parameters())
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule_sets_each_iterations_rate(schedule):
+    """`optim.lr_schedule=cosine`: iteration k steps with lr_min + (lr − lr_min)(1 + cos(πk/max_steps))/2 (a
+    function of k alone, so a resumed run continues the same curve); constant keeps `optim.lr` throughout."""
+    steps, lr, lr_min = 6, 2e-3, 1e-4
+    cfg = load_config(VAEBMTrainingConfig, "vaebm", "toy2d", [
+        "vae.path=unused", "langevin.steps=2", f"train.max_steps={steps}", f"optim.lr={lr}",
+        f"optim.lr_schedule={schedule}", f"optim.lr_min={lr_min}", "train.seed=0"])
+    torch.manual_seed(0)
+    energy = build_energy(EnergyNetConfig(kind="mlp", input_dim=2, hidden=16, depth=2))
+    launch = make_accelerator(TrainConfig(global_batch_size=256, per_device_batch_size=256, mixed_precision="no"))
+    optimizer = torch.optim.Adam(energy.parameters(), lr=cfg.optim.lr)
+    energy, optimizer = launch.accelerator.prepare(energy, optimizer)
+    update = EnergyUpdate(energy, energy, optimizer, build_adapter("vaebm", GaussianVAE(), energy), None, None,
+                          launch, cfg, rows=BatchRows(0, 256, 256), noise_rank=0)
+    batches = data_batches(seed=1)
+    used = []
+    for step in range(steps):
+        result = update.step(step, batches)
+        used.append(optimizer.param_groups[0]["lr"])
+        assert result.lr == used[-1]  # what stats.jsonl logs as `lr`
+    expected = [lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * k / steps)) for k in range(steps)] \
+        if schedule == "cosine" else [lr] * steps
+    assert used == pytest.approx(expected, rel=1e-12)

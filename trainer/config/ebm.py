@@ -67,7 +67,9 @@ class VAERef:
 class EBMOptimConfig:
     """Energy optimizer: Adam settings, element-wise gradient clip, spectral, energy and slope regularizer weights."""
 
-    lr: float = 4e-5                 # constant learning rate (Table 8)
+    lr: float = 4e-5                 # learning rate (Table 8: constant)
+    lr_schedule: str = "constant"    # constant, or cosine: decays from lr to lr_min at train.max_steps
+    lr_min: float = 0.0              # end of the cosine decay
     beta1: float = 0.99
     beta2: float = 0.999
     weight_decay: float = 3e-5       # L2, as Adam's weight_decay
@@ -82,6 +84,10 @@ class EBMOptimConfig:
         """Check the learning rate, betas, weight decay, and that clip and regularizer coefficients are in range."""
         if not 0 < self.lr <= 1:
             raise ValueError(f"lr must be in (0, 1], got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ValueError(f"lr_min must be in [0, lr], got {self.lr_min}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("beta1 and beta2 must be in [0, 1)")
         if not 0 <= self.weight_decay <= 1:

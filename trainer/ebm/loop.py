@@ -37,6 +37,7 @@ from trainer.ebm.objective import clip_to_adam_rms, ebm_loss, grad_leaves, input
 from trainer.ebm.replay import ReplayBuffer, replay_probability
 from trainer.ebm.sources import FrozenBN, check_vae_fits_data, frozen_bn, load_frozen_vae, pin_vae
 from trainer.errors import UserError
+from trainer.nvae.schedules import warmup_cosine_lr
 from trainer.run.checkpoint import (Checkpoint, CheckpointSaver, check_resumable, deepspeed_save,
                                     first_non_finite, is_imported, latest_checkpoint, load_state,
                                     restore_process_state, rng_state, select_resume_checkpoint)
@@ -224,6 +225,7 @@ class StepResult:
     grads_finite: bool
     images: int                  # positives in the iteration, all processes together
     skipped: int                 # 1 if the update was skipped for non-finite values (fp16: an overflow)
+    lr: float                    # the energy's learning rate in this iteration
     finetune_terms: dict[str, float] = field(default_factory=dict)
     loss_scale: float | None = None  # fp16: the loss scaler's scale after the step
 
@@ -249,6 +251,12 @@ class EnergyUpdate:
         p = replay_probability(step, cfg.replay.max_p, cfg.replay.anneal_steps) if self.buffer else 0.0
         seed = process_seed(cfg.train.seed, self.noise_rank) + 1_000_003 * step
         generator = torch.Generator(device=device).manual_seed(seed)
+        lr = cfg.optim.lr
+        if cfg.optim.lr_schedule == "cosine":  # a pure function of the step: resuming needs nothing more
+            lr = warmup_cosine_lr(step, lr=cfg.optim.lr, lr_min=cfg.optim.lr_min, warmup_steps=0,
+                                  total_steps=cfg.train.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
 
         images = 0
         for micro in range(launch.accumulation):
@@ -301,7 +309,7 @@ class EnergyUpdate:
         finetune_terms = self.finetuner.step(x_pos, negatives, self.net) if self.finetuner is not None else {}
         scale = accelerator.scaler.get_scale() if accelerator.scaler is not None else None
         return StepResult(float(loss.detach()), terms, chains, p, clip_fraction, grads_finite, images,
-                          skipped, finetune_terms, scale)
+                          skipped, lr, finetune_terms, scale)
 
 
 def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | None, progress: Progress,
@@ -314,7 +322,7 @@ def log_row(result: StepResult, terms: dict[str, float], buffer: ReplayBuffer | 
             **({"langevin_acceptance": float(chains.acceptance.mean())} if len(chains.acceptance) else {}),
             **({"langevin_start_ess": chains.start_ess} if chains.start_ess is not None else {}),
             "replay_fill": len(buffer) if buffer else 0, "replay_p": result.replay_p,
-            "clip_fraction": result.clip_fraction, "img_per_s": progress.images_per_second(),
+            "clip_fraction": result.clip_fraction, "lr": result.lr, "img_per_s": progress.images_per_second(),
             "skipped_updates": progress.skipped_updates, "data/skipped_samples": skipped_samples,
             "peak_mem_mb": peak_memory_mb(device), "replay_mem_mb": buffer.nbytes / 2**20 if buffer else 0.0,
             **result.finetune_terms,
