@@ -208,3 +208,20 @@ def test_learning_rate_schedule_sets_each_iterations_rate(schedule):
     expected = [lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * k / steps)) for k in range(steps)] \
         if schedule == "cosine" else [lr] * steps
     assert used == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_resumed_run_trains_at_the_configured_rate_not_the_restored_one():
+    """A restored Adam state carries its old rate; a run resumed with another `optim.lr` (the rollback of README,
+    "Divergence") must step with the configured one."""
+    cfg = load_config(VAEBMTrainingConfig, "vaebm", "toy2d", [
+        "vae.path=unused", "langevin.steps=2", "train.max_steps=4", "optim.lr=2e-5", "train.seed=0"])
+    torch.manual_seed(0)
+    energy = build_energy(EnergyNetConfig(kind="mlp", input_dim=2, hidden=16, depth=2))
+    launch = make_accelerator(TrainConfig(global_batch_size=256, per_device_batch_size=256, mixed_precision="no"))
+    optimizer = torch.optim.Adam(energy.parameters(), lr=1e-3)
+    energy, optimizer = launch.accelerator.prepare(energy, optimizer)
+    optimizer.load_state_dict(optimizer.state_dict())  # what restore() does: the checkpoint's rate, 1e-3
+    update = EnergyUpdate(energy, energy, optimizer, build_adapter("vaebm", GaussianVAE(), energy), None, None,
+                          launch, cfg, rows=BatchRows(0, 256, 256), noise_rank=0)
+    result = update.step(0, data_batches(seed=1))
+    assert optimizer.param_groups[0]["lr"] == result.lr == 2e-5

@@ -251,12 +251,14 @@ class EnergyUpdate:
         p = replay_probability(step, cfg.replay.max_p, cfg.replay.anneal_steps) if self.buffer else 0.0
         seed = process_seed(cfg.train.seed, self.noise_rank) + 1_000_003 * step
         generator = torch.Generator(device=device).manual_seed(seed)
+        # The config sets the rate of every iteration, not the optimizer state a checkpoint restored: a run
+        # resumed with another optim.lr (README, "Divergence") trains at it. A function of the step alone.
         lr = cfg.optim.lr
-        if cfg.optim.lr_schedule == "cosine":  # a pure function of the step: resuming needs nothing more
+        if cfg.optim.lr_schedule == "cosine":
             lr = warmup_cosine_lr(step, lr=cfg.optim.lr, lr_min=cfg.optim.lr_min, warmup_steps=0,
                                   total_steps=cfg.train.max_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
         images = 0
         for micro in range(launch.accumulation):
