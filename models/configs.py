@@ -76,6 +76,10 @@ class EnergyNetConfig:
     more compute; same energies and gradients). A runtime switch: a resumed run may change it."""
     input_dim: int = 2
     """MLP input size: 2 for 2-D toys, the flattened latent size for latent energies."""
+    input_scale: float = 1.0
+    """"mlp" only: inputs are multiplied by this before the first layer, which scales that layer's
+    initial weights and, under Adam, its learning rate by the same factor: how fast the energy can
+    resolve structure finer than its input's range (2-D toys: README, "Latent tilting on 25-Gaussians")."""
     hidden: int = 256
     """MLP hidden width."""
     depth: int = 4
@@ -86,11 +90,16 @@ class EnergyNetConfig:
     """"latent" only: the joint coupling term f_joint(z_1, …, z_L)."""
 
     def validate(self) -> None:
-        """Check the input range is known and, if not -1..1, that the energy is a conv energy."""
+        """Check the input range is known and, if not -1..1, that the energy is a conv energy; likewise
+        that an input scale other than 1 is positive and belongs to an MLP energy."""
         if self.input_range not in INPUT_RANGES:
             raise ValueError(f"input_range must be one of {', '.join(INPUT_RANGES)}, got {self.input_range!r}")
         if self.input_range != "-1..1" and self.kind != "conv":
             raise ValueError(f"input_range {self.input_range!r} applies to conv energies only (kind is {self.kind!r})")
+        if not self.input_scale > 0:
+            raise ValueError(f"input_scale must be > 0, got {self.input_scale}")
+        if self.input_scale != 1.0 and self.kind != "mlp":
+            raise ValueError(f"input_scale applies to mlp energies only (kind is {self.kind!r})")
 
 
 # ----------------------------------------------------------------------------------------------

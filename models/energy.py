@@ -152,17 +152,20 @@ class ConvEnergy(EnergyBase):
 
 
 class MLPEnergy(EnergyBase):
-    """MLP energy for 2-D points and latent vectors: depth × (Linear → Swish), then Linear(hidden, 1).
+    """MLP energy for 2-D points and latent vectors: depth × (Linear → Swish), then Linear(hidden, 1),
+    on the input times `input_scale` (1 by default).
 
     Input [B, input_dim] or any [B, ...] with input_dim elements per sample (latent maps are
     flattened). Output [B]. `spectral_loss()` sums the spectral norms of the linear weights (the VAEBM
     energies' Lipschitz control, `optim.spectral_coeff`); `initialize_from_data` is a no-op.
     """
 
-    def __init__(self, input_dim: int, hidden: int = 256, depth: int = 4):
+    def __init__(self, input_dim: int, hidden: int = 256, depth: int = 4, input_scale: float = 1.0):
         super().__init__()
         if depth < 1:
             raise ValueError(f"MLP depth must be at least 1, got {depth}")
+        if not input_scale > 0:
+            raise ValueError(f"MLP input_scale must be > 0, got {input_scale}")
         layers: list[nn.Module] = []
         width = input_dim
         for _ in range(depth):
@@ -171,11 +174,15 @@ class MLPEnergy(EnergyBase):
         layers.append(nn.Linear(width, 1))
         self.net = nn.Sequential(*layers)
         self.input_dim = input_dim
+        self.input_scale = float(input_scale)  # a constant of the architecture, not a parameter
         self.spectral = SpectralRegularizer([layer for layer in self.net if isinstance(layer, nn.Linear)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, input_dim] (or [B, ...] flattening to input_dim) → energies [B]."""
-        return self.net(x.flatten(1)).squeeze(-1)
+        x = x.flatten(1)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        return self.net(x).squeeze(-1)
 
     def spectral_loss(self) -> torch.Tensor:
         """Σ σ_max over the linear weights, differentiable (advances the power iteration)."""
@@ -186,7 +193,7 @@ def build_energy(cfg: EnergyNetConfig, latent_shapes: list[tuple[int, ...]] | No
     """The energy network described by `cfg`. A "latent" energy also needs the VAE's per-sample
     `latent_shapes` (top group first), which are a property of the VAE, not of the config."""
     if cfg.kind == "mlp":
-        return MLPEnergy(cfg.input_dim, cfg.hidden, cfg.depth)
+        return MLPEnergy(cfg.input_dim, cfg.hidden, cfg.depth, cfg.input_scale)
     if cfg.kind == "latent":
         from models.latent_energy import LatentEnergy
 

@@ -104,7 +104,9 @@ def power_iteration(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor, iteration
     v [G, C]; returns the new (u, v). Norms below `eps` are taken as `eps` (F.normalize's rule)."""
     for _ in range(iterations):
         v = _normalize(torch.bmm(u.unsqueeze(1), w).squeeze(1), eps)
-        u = _normalize(torch.bmm(w, v.unsqueeze(2)).squeeze(2), eps)
+        # w v written as vᵀwᵀ: the same products, but the batched GEMV with the vector on the left runs
+        # about 10× faster on a CPU (oneDNN/MKL take a slow path for [G, R, C] @ [G, C, 1]).
+        u = _normalize(torch.bmm(v.unsqueeze(1), w.transpose(1, 2)).squeeze(1), eps)
     return u, v
 
 

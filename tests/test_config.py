@@ -159,6 +159,8 @@ def digits_vaebm(*overrides):
     ("vaebm", "vae.temperature=1e9", "vae.temperature must be in (0, 10]"),
     ("vaebm", "divergence.max_abs_energy=inf", "divergence.max_abs_energy' must be a finite number"),
     ("vaebm", "replay.max_p=nan", "replay.max_p' must be a finite number"),
+    ("vaebm", "energy.input_scale=0", "energy.input_scale must be > 0"),
+    ("vaebm", "energy.input_scale=4", "energy.input_scale applies to mlp energies only"),  # digits: a conv energy
 ])
 def test_non_finite_and_absurd_floats_are_refused_up_front(kind, override, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):

@@ -153,6 +153,24 @@ def test_mlp_energy():
         build_energy(EnergyNetConfig(kind="transformer"))
 
 
+def test_mlp_input_scale_is_the_same_network_on_scaled_inputs():
+    """energy.input_scale = s: E_s(x) = E_1(s·x) with the same weights, and its input gradient s·∇E_1(s·x)."""
+    torch.manual_seed(0)
+    scaled = build_energy(EnergyNetConfig(kind="mlp", input_dim=2, hidden=16, depth=2, input_scale=4.0))
+    plain = build_energy(EnergyNetConfig(kind="mlp", input_dim=2, hidden=16, depth=2))
+    plain.load_state_dict(scaled.state_dict())
+    x = torch.randn(7, 2, requires_grad=True)
+    energy = scaled(x)
+    torch.testing.assert_close(energy, plain(4.0 * x.detach()))
+    assert not torch.allclose(energy, plain(x.detach()))  # the scale is applied, not ignored
+    (grad,) = torch.autograd.grad(energy.sum(), x)
+    x_scaled = (4.0 * x.detach()).requires_grad_(True)
+    (grad_plain,) = torch.autograd.grad(plain(x_scaled).sum(), x_scaled)
+    torch.testing.assert_close(grad, 4.0 * grad_plain)
+    with pytest.raises(ValueError, match="input_scale"):
+        MLPEnergy(2, input_scale=0.0)
+
+
 def test_gradient_checkpointing_same_energies_and_gradients_in_training_and_langevin():
     from models.langevin import PerChainNoise, langevin
 
