@@ -179,10 +179,7 @@ class MLPEnergy(EnergyBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, input_dim] (or [B, ...] flattening to input_dim) → energies [B]."""
-        x = x.flatten(1)
-        if self.input_scale != 1.0:
-            x = x * self.input_scale
-        return self.net(x).squeeze(-1)
+        return self.net(x.flatten(1) * self.input_scale).squeeze(-1)  # × 1.0 is exact: scale-1 nets are unchanged
 
     def spectral_loss(self) -> torch.Tensor:
         """Σ σ_max over the linear weights, differentiable (advances the power iteration)."""
