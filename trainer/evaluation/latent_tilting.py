@@ -9,7 +9,7 @@ the one EBM loop (`models/adapters.py`), Langevin in ε_z only. Per seed (full m
 1. 2-D toys (25-Gaussians, Swiss roll): the MLP VAE of preset nvae/toy2d, then the tilt of preset
    vaebm/latent-tilting-toy2d (the paper's App. B: 60 training Langevin steps at step size 0.01, 100 at
    sampling; 4,000 iterations, the MLP energy on 8·x and energy regularization 0.01 instead of the paper's 0.1,
-   see the preset; Adam with its default betas and no clip, as the paper names no other optimizer; training
+   see the preset; Adam, default betas, no clip, the rate decayed by a cosine (the paper names none); training
    chains start from prior draws resampled by exp(−E), `langevin.start_pool`; `--tail-fraction` starts that share
    of the toys' and the digits' training chains from the prior's tails, `langevin.tail_fraction`),
    both with `data.dataset` set to the toy. Everything runs at temperature 1. Keys `<toy>_...`:
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace, report) -> dict:
     results.update(summarize_seeds(per_seed, keys))
     if len(seeds) == 1:  # one seed: its per-point standard errors instead of errors across seeds
         results.update({key: value for key, value in per_seed[0].items() if key.endswith("_stderr")})
-    if "gaussians" in toys:  # the 25-Gaussians numbers also without prefix (issue #6), with their errors
+    if "gaussians" in toys:  # the 25-Gaussians numbers also without prefix (older keys), with their errors
         results.update({key[len("gaussians_"):]: value for key, value in list(results.items())
                         if key.startswith("gaussians_")})
     results.update(cpu_seconds=round(_cpu_seconds() - cpu_started, 1), per_seed=per_seed)
