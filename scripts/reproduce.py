@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from trainer.errors import UserError  # noqa: E402
+from trainer.errors import EXIT_STOPPED, UserError  # noqa: E402
 from trainer.cli import run_cli  # noqa: E402
 
 ORDER = ("toy-likelihood", "modes", "fd-digits", "ood", "fid", "latent-tilting", "vampprior", "joint-prior")
@@ -173,7 +173,9 @@ def render(args: argparse.Namespace, status: dict[str, tuple[int, float, str]]) 
             continue
         code, _, why = status[name]
         path = args.out_dir / f"{name}.json"
-        if code != 0 or not path.exists():
+        if code == EXIT_STOPPED:
+            value = f"stopped before its results (a training was stopped; re-run to resume; see {name}.log)"
+        elif code != 0 or not path.exists():
             value = f"not run: {why}" if why else f"failed (exit {code}, see {name}.log)"
         else:
             result = json.loads(path.read_text())

@@ -2,12 +2,17 @@
 tiny end-to-end run of `scripts/evaluate.py toy-likelihood`."""
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import run_script
+from conftest import ROOT, run_script
 
 from data.toy2d import Gaussians25
 from trainer.evaluation.toy_metrics import (
@@ -157,3 +162,49 @@ def test_an_energy_of_an_older_vae_checkpoint_is_not_reused(tmp_path):
     assert sampler_for(vae_run, temperatures=(), **quiet).vae is not first_bundle.vae
     assert sorted(path.name for path in vae_run.glob("bundle-*")) == ["bundle-tnone-bn500-s0-step4",
                                                                          "bundle-tnone-bn500-s0-step6"]
+
+
+def test_a_stopped_training_ends_the_experiment_instead_of_being_scored(tmp_path):
+    """The trainer returns normally when it is stopped early (a checkpoint at the current step), so the experiment
+    has to notice: every model it trains must reach its last step, or the experiment ends (TrainingStopped)."""
+    from trainer.errors import TrainingStopped
+    from trainer.evaluation.train_models import train_nvae_run, train_vaebm_run
+
+    quiet = {"log": lambda line: None}
+    common = ["train.max_steps=6", "train.checkpoint_every=2", "train.log_every=2"]
+    with pytest.raises(TrainingStopped, match=r"stopped at step 3 of 6, before the experiment had its results"):
+        train_nvae_run("toy2d", [*common, "train.halt_at_step=3"], tmp_path, **quiet)
+    vae_run = train_nvae_run("toy2d", common, tmp_path, **quiet)
+    energy = ["train.max_steps=4", "train.log_every=1", "langevin.steps=2", "langevin.resample_pool=64",
+              "train.global_batch_size=16", "train.per_device_batch_size=16"]
+    with pytest.raises(TrainingStopped, match=r"vaebm-toy2d-\w+ stopped at step 2 of 4"):
+        train_vaebm_run("toy2d", vae_run, [*energy, "train.halt_at_step=2"], tmp_path, **quiet)
+    assert (train_vaebm_run("toy2d", vae_run, energy, tmp_path, **quiet) / "checkpoints").is_dir()
+
+
+def test_sigterm_to_an_evaluation_stops_it_without_results(tmp_path):
+    """SIGTERM while an evaluation trains (as a scheduler sends it): the training checkpoints, the evaluation
+    exits 4 with one `stopped:` line and writes no result (it used to go on with the half-trained model)."""
+    out, run_dir = tmp_path / "toy.json", tmp_path / "run"
+    log = tmp_path / "log.txt"
+    command = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "toy-likelihood", "--quick", "--out", str(out),
+               "--run-dir", str(run_dir), "--vae-steps", "1000000"]
+    with open(log, "w") as handle:
+        evaluation = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 240
+            while "starting:" not in log.read_text() and evaluation.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(2)  # a few steps into the VAE's training
+            evaluation.send_signal(signal.SIGTERM)
+            code = evaluation.wait(timeout=120)  # the VAE checkpoints at once; a broken stop trains on for hours
+        finally:
+            evaluation.kill()
+    lines = log.read_text().strip().splitlines()
+    assert code == 4, lines[-10:]
+    assert lines[-1].startswith("stopped: the training in ") and "run the same command again" in lines[-1]
+    assert "stop requested (SIGTERM)" in log.read_text()
+    assert not out.exists()
+    status = json.loads(next((run_dir / "models").glob("nvae-toy2d-*/status.json")).read_text())
+    assert status["state"] == "stopped" and 0 < status["step"] < 1_000_000

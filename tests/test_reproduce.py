@@ -25,12 +25,13 @@ def test_table_is_rendered_from_the_results_and_names_failures(tmp_path):
                                                                "vaebm_ll_seed_stderr": 0.0213}))
     ood = {f"{method}_{name}_auroc": 0.5 + 0.1 * i for i, name in enumerate(OOD_SETS) for method in ("nvae", "vaebm")}
     (tmp_path / "ood.json").write_text(json.dumps(ood))
+    (tmp_path / "vampprior.json").write_text(json.dumps({"vae_standard_ll": -25.0}))  # an earlier run's result
     status = {"toy-likelihood": [0, 169.0, ""], "ood": [0, 23.0, ""], "modes": [3, 12.0, ""],
-              "fid": [-1, 0.0, "no VAEBM bundle in OUT/models (run fd-digits first)"]}
+              "fid": [-1, 0.0, "no VAEBM bundle in OUT/models (run fd-digits first)"], "vampprior": [4, 30.0, ""]}
     (tmp_path / "status.json").write_text(json.dumps(status))
 
-    result = run_script("reproduce.py", "--quick", "--only", "toy-likelihood,modes,ood,fid", "--out-dir", str(tmp_path),
-                        "--table-only", check=False)
+    result = run_script("reproduce.py", "--quick", "--only", "toy-likelihood,modes,ood,fid,vampprior",
+                        "--out-dir", str(tmp_path), "--table-only", check=False)
     assert result.returncode == 1  # some experiments failed: the table says which, the exit code says so too
     table = (tmp_path / "results.md").read_text()
     assert table in result.stdout
@@ -39,6 +40,9 @@ def test_table_is_rendered_from_the_results_and_names_failures(tmp_path):
     assert "| toy-likelihood | 25-Gaussians test LL, reference trainer with exact negatives (nats) | – |  |" in table
     assert "failed (exit 3, see modes.log)" in table
     assert "not run: no VAEBM bundle in OUT/models" in table
+    # Stopped (exit 4): the experiment wrote nothing, and an earlier run's JSON must not pass for its result.
+    assert "| vampprior | binarized digits test LL, VAE + standard prior | stopped before its results" in table
+    assert "−25" not in table
     ood_rows = [line for line in table.splitlines() if line.startswith("| ood | AUROC")]
     assert [row.split(" | ")[2] for row in ood_rows] == [f"{0.5 + 0.1 * i:.4g} / {0.5 + 0.1 * i:.4g}"
                                                           for i in range(len(OOD_SETS))]

@@ -13,8 +13,8 @@ import textwrap
 import typing
 from typing import Callable
 
-from trainer.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, UserError, no_space_path, one_line,
-                            write_launcher_note)
+from trainer.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, TrainingDiverged, TrainingStopped,
+                            UserError, no_space_path, one_line, write_launcher_note)
 from trainer.run.threads import configure_cpu_threads
 
 IMAGE_SIZE_KEYS = ("data.image_size", "model.image_size")
@@ -203,7 +203,8 @@ def config_keys(cls) -> list[tuple[str, list[str]]]:
 def run_cli(main: Callable[[], int | None]) -> None:
     """Set the CPU thread policy (before torch loads, `trainer/run/threads.py`), run `main()`, and turn
     `UserError` (exit 2), a full device (exit 2) and `TrainingDiverged` (exit 3) into one `error: <message>`
-    line on stderr, the last thing printed (README, "Exit codes")."""
+    line on stderr, `TrainingStopped` (exit 4) into one `stopped: <message>` line, the last thing printed
+    (README, "Exit codes")."""
     try:
         configure_cpu_threads()
         code = main()
@@ -211,6 +212,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
         _fail(EXIT_BAD_INPUT, str(err))
     except TrainingDiverged as err:
         _fail(EXIT_DIVERGED, str(err))
+    except TrainingStopped as err:
+        _fail(EXIT_STOPPED, str(err), prefix="stopped")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -228,8 +231,8 @@ def run_cli(main: Callable[[], int | None]) -> None:
     os._exit(code or 0)
 
 
-def _fail(code: int, message: str) -> None:
-    line = f"error: {one_line(message)}"
+def _fail(code: int, message: str, prefix: str = "error") -> None:
+    line = f"{prefix}: {one_line(message)}"
     write_launcher_note(code, line)
     sys.stdout.flush()
     print(line, file=sys.stderr, flush=True)

@@ -10,6 +10,8 @@ with the code below (README, "Exit codes"). Bugs (any other exception) still sur
     1  a crash: a bug or a failure of the machine, with its traceback
     2  bad input: a one-line `error: ...` (config, files, a held run directory, no space left on a device)
     3  training diverged: a one-line `error: training diverged ...`; the run is marked and not resumed into
+    4  an evaluation stopped before its results: a training inside it was stopped (a stop signal, a STOP file);
+       that training checkpointed, no result was written, and the same command resumes it
 
 Under `accelerate launch` and `torchrun` the launcher itself would exit 1 with its own traceback; a child
 leaves a note (`write_launcher_note`) that `trainer/run/launcher_exit.py` turns into the child's code and line.
@@ -24,6 +26,7 @@ import os
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # a full device or quota
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_STOPPED = 4
 MAX_LINE = 1000  # characters of one error line; longer messages are cut (a config value may be huge)
 # Set by trainer/run/launcher_exit.py in a launcher process: where its children leave their exit notes.
 LAUNCHER_NOTES_ENV = "VAEBM_LAUNCHER_NOTES"
@@ -35,6 +38,12 @@ class UserError(Exception):
 
 class TrainingDiverged(Exception):
     """A training run diverged (it is marked and its checkpoints from the bad streak dropped): exit code 3."""
+
+
+class TrainingStopped(Exception):
+    """A training that a larger command needs finished (an evaluation's model) was stopped on request before its
+    last step: the command ends without results, exit code 4. A training on its own that stops exits 0 instead
+    (its run directory says how it ended); an evaluation must not go on to score a half-trained model."""
 
 
 def one_line(message: str, limit: int = MAX_LINE) -> str:

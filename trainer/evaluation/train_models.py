@@ -11,7 +11,9 @@ name or YAML path + dotted overrides, validated), and trained by `trainer.nvae.l
 `trainer.ebm.loop.train_vaebm`. A run lives in `models_dir/<kind>-<preset>-<hash>`, the hash taken
 over the resolved config (for VAEBM it includes the VAE run's path, itself hashed): asking again for
 the same model finds the finished run, which the trainer resumes and stops at once, so experiments
-given the same models folder share their trainings, and any changed setting trains a new run.
+given the same models folder share their trainings, and any changed setting trains a new run. A training
+stopped on request (Ctrl-C, SIGTERM, a STOP file) ends the experiment (`TrainingStopped`, exit 4), so that no
+result is ever computed from a half-trained model; running the same command again resumes it.
 Bundles are exported once into `RUN/bundle-<BN settings>` (`trainer.export.export_run`) and loaded with
 `models.load_bundle`.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trainer.config.loader import load_config, to_dict
-from trainer.errors import TrainingDiverged, UserError
+from trainer.errors import TrainingDiverged, TrainingStopped, UserError
 
 Log = Callable[[str], None]
 # What changes how a run reports, not what it trains, is left out of the run's hash: these keys, and
@@ -80,7 +82,22 @@ def train_nvae_run(preset: str, overrides: Sequence[str], models_dir: Path, log:
     log(f"NVAE {preset} ({cfg.train.max_steps} steps, batch {cfg.train.global_batch_size}) in {run_dir}")
     if not finished(run_dir, cfg.train.max_steps):
         train_nvae(cfg, run_dir)
+        _check_finished(run_dir, cfg.train.max_steps)
     return run_dir
+
+
+def _check_finished(run_dir: Path, max_steps: int) -> None:
+    """After a training returned: raise `TrainingStopped` unless it reached `max_steps`. The trainer returns
+    normally when a stop signal or a STOP file ended it early (a checkpoint at the current step), and the signal
+    handler is its own, so without this an experiment would go on to its next training and score this one."""
+    if not finished(run_dir, max_steps):
+        from trainer.run.checkpoint import list_checkpoints
+
+        checkpoints = list_checkpoints(run_dir) if Path(run_dir).is_dir() else []
+        step = checkpoints[-1][0] if checkpoints else 0
+        raise TrainingStopped(f"the training in {run_dir} stopped at step {step} of {max_steps}, before the "
+                              f"experiment had its results (none were written); run the same command again to "
+                              f"resume it")
 
 
 def finished(run_dir: Path, max_steps: int) -> bool:
@@ -116,6 +133,7 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     try:
         if not finished(run_dir, cfg.train.max_steps):
             train_vaebm(cfg, run_dir)
+            _check_finished(run_dir, cfg.train.max_steps)
     except TrainingDiverged:
         raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower "
                         f"optim.lr") from None
