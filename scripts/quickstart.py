@@ -94,8 +94,8 @@ def main() -> int:
         except TrainingDiverged as err:
             raise TrainingDiverged(f"{what}: {err}; re-run with a new --out") from None
         if Checkpoint(checkpoint).step < cfg.train.max_steps:
-            print(f"stopped at step {Checkpoint(checkpoint).step} (STOP); re-run the same command to continue",
-                  file=sys.stderr)
+            print(f"stopped at step {Checkpoint(checkpoint).step} (a STOP file or a stop signal); re-run the same "
+                  f"command to continue", file=sys.stderr)
             raise SystemExit(0)
         print(f"   done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
 
