@@ -81,20 +81,18 @@ def train_nvae_run(preset: str, overrides: Sequence[str], models_dir: Path, log:
     run_dir = _run_dir("nvae", preset, cfg, models_dir)
     log(f"NVAE {preset} ({cfg.train.max_steps} steps, batch {cfg.train.global_batch_size}) in {run_dir}")
     if not finished(run_dir, cfg.train.max_steps):
-        train_nvae(cfg, run_dir)
-        _check_finished(run_dir, cfg.train.max_steps)
+        _require_last_step(run_dir, train_nvae(cfg, run_dir), cfg.train.max_steps)
     return run_dir
 
 
-def _check_finished(run_dir: Path, max_steps: int) -> None:
-    """After a training returned: raise `TrainingStopped` unless it reached `max_steps`. The trainer returns
+def _require_last_step(run_dir: Path, checkpoint: Path | None, max_steps: int) -> None:
+    """Raise `TrainingStopped` unless the checkpoint a training returned is its last step. The trainer returns
     normally when a stop signal or a STOP file ended it early (a checkpoint at the current step), and the signal
     handler is its own, so without this an experiment would go on to its next training and score this one."""
-    if not finished(run_dir, max_steps):
-        from trainer.run.checkpoint import list_checkpoints
+    from trainer.run.checkpoint import Checkpoint
 
-        checkpoints = list_checkpoints(run_dir) if Path(run_dir).is_dir() else []
-        step = checkpoints[-1][0] if checkpoints else 0
+    step = Checkpoint(checkpoint).step if checkpoint is not None else 0
+    if step < max_steps:
         raise TrainingStopped(f"the training in {run_dir} stopped at step {step} of {max_steps}, before the "
                               f"experiment had its results (none were written); run the same command again to "
                               f"resume it")
@@ -132,8 +130,7 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     log(f"VAEBM {preset} ({cfg.train.max_steps} steps, {cfg.langevin.steps} Langevin steps) in {run_dir}")
     try:
         if not finished(run_dir, cfg.train.max_steps):
-            train_vaebm(cfg, run_dir)
-            _check_finished(run_dir, cfg.train.max_steps)
+            _require_last_step(run_dir, train_vaebm(cfg, run_dir), cfg.train.max_steps)
     except TrainingDiverged:
         raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower "
                         f"optim.lr") from None
