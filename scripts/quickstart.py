@@ -59,7 +59,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
     parser.add_argument("--out", default="runs/quickstart", type=Path, help="where the runs and pictures go")
     parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply every stage's training steps (a trial of the pipeline: 0.01)")
+                        help="multiply every stage's training steps and, below 1, the picture's 25-Gaussians points "
+                             "(a trial of the pipeline: 0.01)")
     args = parser.parse_args()
     if not 0 < args.scale <= 10:
         parser.error(f"--scale must be in (0, 10], got {args.scale}")
@@ -107,11 +108,12 @@ def main() -> int:
     stage(3, "toy-vaebm", "25-Gaussians: the VAEBM energy", toy_vaebm, "vaebm", TOY_VAEBM, toy_vae)
 
     print("\n== 4/4 the picture", file=sys.stderr, flush=True)
-    from trainer.evaluation.quickstart import draw_quickstart
+    from trainer.evaluation.quickstart import TOY_POINTS, draw_quickstart
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     summary = draw_quickstart(out, digits_nvae, digits_vaebm, toy_vae, toy_vaebm, device,
-                              temperature=TEMPERATURE, bn_passes=BN_PASSES, columns=COLUMNS, confident=CONFIDENT)
+                              temperature=TEMPERATURE, bn_passes=BN_PASSES, columns=COLUMNS, confident=CONFIDENT,
+                              toy_points=max(2_000, round(TOY_POINTS * min(args.scale, 1.0))))
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"\nwrote {out / 'quickstart.png'}\n"
           f"  recognizable digits (classifier confidence >= {CONFIDENT}): NVAE samples "

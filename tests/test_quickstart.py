@@ -38,6 +38,7 @@ def test_quickstart_on_a_small_budget_writes_its_picture_and_shares(tmp_path):
     for key in ("nvae_recognizable", "langevin_recognizable", "toy_vae_near_mode", "toy_vaebm_near_mode"):
         assert 0.0 <= summary[key] <= 1.0, (key, summary[key])
     assert summary["toy_data_near_mode"] > 0.9  # the truth's own points: the near-mode measure works
+    assert summary["toy_points"] == 2_000  # a small --scale shrinks the 25-Gaussians panels too (not below 2,000)
     picture = np.asarray(Image.open(out / "quickstart.png"))
     assert picture.shape[1] >= 12 * CELL and picture.shape[0] >= 6 * CELL and picture.std() > 20
 

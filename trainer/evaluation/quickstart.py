@@ -43,8 +43,10 @@ TOY_EXTENT = 3.0          # the panels show [−3, 3]²
 
 
 def draw_quickstart(out: Path, nvae_dir: Path, vaebm_dir: Path, toy_vae_dir: Path, toy_vaebm_dir: Path, device, *,
-                    temperature: float, bn_passes: int, columns: int, confident: float, seed: int = 0) -> dict:
-    """Write `out/quickstart.png`; return the measured shares (see the module docstring)."""
+                    temperature: float, bn_passes: int, columns: int, confident: float, seed: int = 0,
+                    toy_points: int = TOY_POINTS) -> dict:
+    """Write `out/quickstart.png`; return the measured shares (see the module docstring). `toy_points` points
+    per 25-Gaussians panel (its Langevin chains are most of the picture's time)."""
     bundle = out / f"bundle-t{temperature:g}"
     if not (bundle / "bundle.json").is_file():
         export_run(vaebm_dir, bundle, temperatures=(temperature,), bn_passes=bn_passes, seed=seed,
@@ -61,7 +63,7 @@ def draw_quickstart(out: Path, nvae_dir: Path, vaebm_dir: Path, toy_vae_dir: Pat
               "langevin_recognizable": recognizable(judge, langevin, confident)}
 
     data, reconstructions = reconstruct(nvae_dir, size, columns, device)
-    toy = toy_panels(toy_vae_dir, toy_vaebm_dir, seed)
+    toy = toy_panels(toy_vae_dir, toy_vaebm_dir, seed, toy_points)
     bands = [
         ("data digits  /  NVAE reconstructions", [grid_row(data), grid_row(reconstructions)]),
         (f"NVAE samples (t = {temperature:g})  /  the same chains after {sampler.defaults['steps']} "
@@ -74,7 +76,7 @@ def draw_quickstart(out: Path, nvae_dir: Path, vaebm_dir: Path, toy_vae_dir: Pat
     return {**shares, "toy_vae_near_mode": toy["vae_near_mode"], "toy_vaebm_near_mode": toy["vaebm_near_mode"],
             "toy_data_near_mode": toy["data_near_mode"], "temperature": temperature,
             "langevin_steps": sampler.defaults["steps"], "measured_chains": MEASURED_CHAINS,
-            "classifier_accuracy": judge.accuracy, "confidence": confident}
+            "toy_points": toy_points, "classifier_accuracy": judge.accuracy, "confidence": confident}
 
 
 def recognizable(judge, images: torch.Tensor, confident: float) -> float:
@@ -96,7 +98,7 @@ def reconstruct(nvae_dir: Path, size: int, count: int, device) -> tuple[torch.Te
     return data, to_uint8(reconstruction)
 
 
-def toy_panels(vae_dir: Path, vaebm_dir: Path, seed: int) -> dict:
+def toy_panels(vae_dir: Path, vaebm_dir: Path, seed: int, points: int = TOY_POINTS) -> dict:
     """Density images of 25-Gaussians data, VAE samples and VAEBM Langevin samples, side by side [3, H, 3W]."""
     vae, _ = load_frozen_vae(vae_dir, "ema", "cpu")
     energy = load_trained_energy(vaebm_dir, "cpu")
@@ -105,9 +107,9 @@ def toy_panels(vae_dir: Path, vaebm_dir: Path, seed: int) -> dict:
     adapter = VAEBMEnergy(vae, energy)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        data = truth.sample(TOY_POINTS, generator)
-        vae_points = vae.sample(TOY_POINTS, generator=generator).x_sample
-    _, final = seeded_chains(adapter, 0, TOY_POINTS, seed=seed, steps=langevin_cfg["sample_steps"],
+        data = truth.sample(points, generator)
+        vae_points = vae.sample(points, generator=generator).x_sample
+    _, final = seeded_chains(adapter, 0, points, seed=seed, steps=langevin_cfg["sample_steps"],
                              step_size=langevin_cfg["step_size"], metropolis=langevin_cfg.get("metropolis", False))
     with torch.no_grad():
         vaebm_points = adapter.negatives(final)
