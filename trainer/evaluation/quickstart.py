@@ -98,8 +98,9 @@ def reconstruct(nvae_dir: Path, size: int, count: int, device) -> tuple[torch.Te
     return data, to_uint8(reconstruction)
 
 
-def toy_panels(vae_dir: Path, vaebm_dir: Path, seed: int, points: int = TOY_POINTS) -> dict:
-    """Density images of 25-Gaussians data, VAE samples and VAEBM Langevin samples, side by side [3, H, 3W]."""
+def toy_panels(vae_dir: Path, vaebm_dir: Path, seed: int, points: int) -> dict:
+    """Density images of `points` 25-Gaussians data, VAE samples and VAEBM Langevin samples each, side by side
+    [3, H, 3W]."""
     vae, _ = load_frozen_vae(vae_dir, "ema", "cpu")
     energy = load_trained_energy(vaebm_dir, "cpu")
     langevin_cfg = read_yaml(vaebm_dir / "config.yaml")["langevin"]
