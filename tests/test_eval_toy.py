@@ -208,3 +208,25 @@ def test_sigterm_to_an_evaluation_stops_it_without_results(tmp_path):
     assert not out.exists()
     status = json.loads(next((run_dir / "models").glob("nvae-toy2d-*/status.json")).read_text())
     assert status["state"] == "stopped" and 0 < status["step"] < 1_000_000
+
+
+@pytest.mark.parametrize("preset", ["toy2d", "latent-tilting-toy2d"])
+def test_a_diverged_energy_ends_the_experiment_with_what_to_change(tmp_path, preset):
+    """An energy that diverges inside an experiment is one error naming its method, its run and what to change;
+    for a latent energy that includes the Langevin step size (too small a one makes the energy diverge)."""
+    from trainer.errors import UserError
+    from trainer.evaluation.train_models import train_nvae_run, train_vaebm_run
+
+    quiet = {"log": lambda line: None}
+    vae_run = train_nvae_run("toy2d", ["train.max_steps=2", "train.checkpoint_every=2", "train.log_every=2"],
+                             tmp_path, **quiet)
+    energy = ["train.max_steps=4", "train.log_every=1", "langevin.steps=2", "langevin.resample_pool=64",
+              "train.global_batch_size=16", "train.per_device_batch_size=16",
+              "divergence.max_abs_energy=1e-12", "divergence.max_energy_gap=1e-12", "divergence.patience=1"]
+    with pytest.raises(UserError) as raised:
+        train_vaebm_run(preset, vae_run, energy, tmp_path, **quiet)
+    message = str(raised.value)
+    method = "vaebm" if preset == "toy2d" else "latent-tilting"
+    assert message.startswith(f"{method} training diverged (see {tmp_path}/vaebm-{preset}-")
+    assert "lower optim.lr or langevin.steps" in message
+    assert ("raise langevin.step_size" in message) == (method != "vaebm")

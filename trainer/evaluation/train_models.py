@@ -117,7 +117,7 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     """Train (or find finished) a VAEBM energy on the NVAE run `vae_run`; returns its run directory.
 
     A run that diverges is an error (UserError naming the run): an experiment never reports numbers
-    of a diverged energy. Its log says at which step and why; lower `optim.lr` or the step count.
+    of a diverged energy. Its log says at which step and why; `divergence_hint` says what to change.
     """
     from trainer.ebm.loop import train_vaebm
     from trainer.ebm.sources import resolve_vae_checkpoint
@@ -132,9 +132,18 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
         if not finished(run_dir, cfg.train.max_steps):
             _require_last_step(run_dir, train_vaebm(cfg, run_dir), cfg.train.max_steps)
     except TrainingDiverged:
-        raise UserError(f"VAEBM training diverged (see {run_dir}/log.txt); use fewer steps or a lower "
-                        f"optim.lr") from None
+        raise UserError(f"{cfg.method} training diverged (see {run_dir}/log.txt); {divergence_hint(cfg)}") from None
     return run_dir
+
+
+def divergence_hint(cfg) -> str:
+    """What to change after an energy diverged. A latent energy (joint prior, latent tilting) also diverges when
+    `langevin.step_size` is too small for its chains to move: the energy grows its gradient until they do, and past
+    the divergence guard (README, "Full-mode results", the joint-prior digits entry)."""
+    hint = "lower optim.lr or langevin.steps"
+    if cfg.method != "vaebm":
+        hint += f", or raise langevin.step_size ({cfg.langevin.step_size:g}) if the chains barely move"
+    return hint
 
 
 def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_passes: int = 500,
