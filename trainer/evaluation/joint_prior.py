@@ -5,9 +5,10 @@
 Per seed (full mode: 3 seeds, --seed, --seed+1, --seed+2; quick: 1), each part trains a base VAE from scratch with
 the NVAE trainer, then energy priors on it, frozen (two-stage, the paper's default), with the one EBM loop
 (`method: joint-prior`: E(z) = −Σ_l f_l(z_l) − f_joint(z) on the latents, positives z ~ q(z|x), negatives by
-Langevin in ε_z; preset: 20 Langevin steps in training, 40 at sampling, as the paper). A joint-prior sample is a
-Langevin chain in ε_z under E(T_z(ε_z)) + ½‖ε_z‖², then the decoder mean; the base sample is the decoder mean of
-the chain's starting noise (every model of a seed draws from the same noise).
+Langevin in ε_z; presets: 20 Langevin steps in training, as the paper; 20 at sampling on digits, 40 on stacked
+digits and the HVAE). A joint-prior sample is a Langevin chain in ε_z under E(T_z(ε_z)) + ½‖ε_z‖², then the
+decoder mean; the base sample is the decoder mean of the chain's starting noise (every model of a seed draws from
+the same noise).
 
 BN statistics (README, "BN statistics of an energy"): the energy trains on the NVAE with its generative-path BN
 statistics readjusted at t = 1 (`vae.bn_temperature: auto`; `--bn-passes` passes), and every base below is
@@ -17,7 +18,7 @@ when it ran with `vae.bn_temperature=null` (`--joint-set vae.bn_temperature=null
 
 digits   NVAE (nvae/digits16, `digits-train`, 16×16) + vaebm/joint-prior-digits16. Digit-feature Fréchet
          distance to the 359 held-out `digits-test` digits, as `fd-digits` (lower is better): `base_fd`,
-         `base_fd_train_bn`, `joint_fd` (the preset's energy, 40 sampling steps), and the paper's Langevin-steps
+         `base_fd_train_bn`, `joint_fd` (the preset's energy and sampling steps), and the paper's Langevin-steps
          ablation `joint_fd_steps_K` for K = 10, 20, 40. `--ablation train` (default) trains one energy per K
          with K steps and samples it with K steps (the paper's protocol; K = the preset's 20 reuses its energy);
          `--ablation sample` samples the preset's energy with K steps (one training instead of three).
