@@ -230,3 +230,5 @@ def test_a_diverged_energy_ends_the_experiment_with_what_to_change(tmp_path, pre
     assert message.startswith(f"{method} training diverged (see {tmp_path}/vaebm-{preset}-")
     assert "lower optim.lr or langevin.steps" in message
     assert ("raise langevin.step_size" in message) == (method != "vaebm")
+    run_log = next(tmp_path.glob(f"vaebm-{preset}-*/log.txt")).read_text()  # the trainer's own last line says it too
+    assert "Resume from one with changed settings (lower optim.lr or langevin.steps" in run_log

@@ -54,6 +54,16 @@ GRID_CHAINS = 8
 GRID_SEED = 4321  # the fixed chains of the before/after-Langevin grids
 
 
+def divergence_hint(cfg: VAEBMTrainingConfig) -> str:
+    """What to change after an energy diverged. A latent energy (joint prior, latent tilting) also diverges when
+    `langevin.step_size` is too small for its chains to move: the energy grows its gradient until they do, and past
+    the divergence guard (README, "Full-mode results", the joint-prior digits entry)."""
+    hint = "lower optim.lr or langevin.steps"
+    if cfg.method != "vaebm":
+        hint += f", or raise langevin.step_size ({cfg.langevin.step_size:g}) if the chains barely move"
+    return hint
+
+
 def train_vaebm(cfg: VAEBMTrainingConfig, run_dir: Path, resume_from: Path | None = None,
                 vae_changed_ok: bool = False) -> Path:
     """Train (or resume) an energy on a frozen VAE; returns the final checkpoint. Raises `TrainingDiverged`
@@ -171,7 +181,7 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
             progress.new_window(gap=f"{terms['energy_gap']:.3g}", img_s=f"{row['img_per_s']:.1f}")
         if divergence:
             progress.close()
-            stop_diverged(divergence, run_dir, accelerator, monitor.log)
+            stop_diverged(divergence, run_dir, accelerator, monitor.log, divergence_hint(cfg))
 
         # Image grids and FID after test-length Langevin (collective: each process runs a share).
         grid_due = step == stop_step or (cfg.train.image_every and step % cfg.train.image_every == 0)
@@ -196,7 +206,7 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
     if last_saved != step and any_rank(accelerator, not weights_finite(update)):
         progress.close()
         weights = Divergence(step, step, "non-finite weights", math.nan)
-        stop_diverged(detector.unfinished_streak(step) or weights, run_dir, accelerator, monitor.log)
+        stop_diverged(detector.unfinished_streak(step) or weights, run_dir, accelerator, monitor.log, divergence_hint(cfg))
     if last_saved != step and not detector.in_bad_streak:
         save_checkpoint(saver, step, update, detector, stream, vae_pin, bn)
     progress.close()

@@ -119,7 +119,7 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     A run that diverges is an error (UserError naming the run): an experiment never reports numbers
     of a diverged energy. Its log says at which step and why; `divergence_hint` says what to change.
     """
-    from trainer.ebm.loop import train_vaebm
+    from trainer.ebm.loop import divergence_hint, train_vaebm
     from trainer.ebm.sources import resolve_vae_checkpoint
 
     cfg = vaebm_config(preset, vae_run, overrides)
@@ -134,16 +134,6 @@ def train_vaebm_run(preset: str, vae_run: Path, overrides: Sequence[str], models
     except TrainingDiverged:
         raise UserError(f"{cfg.method} training diverged (see {run_dir}/log.txt); {divergence_hint(cfg)}") from None
     return run_dir
-
-
-def divergence_hint(cfg) -> str:
-    """What to change after an energy diverged. A latent energy (joint prior, latent tilting) also diverges when
-    `langevin.step_size` is too small for its chains to move: the energy grows its gradient until they do, and past
-    the divergence guard (README, "Full-mode results", the joint-prior digits entry)."""
-    hint = "lower optim.lr or langevin.steps"
-    if cfg.method != "vaebm":
-        hint += f", or raise langevin.step_size ({cfg.langevin.step_size:g}) if the chains barely move"
-    return hint
 
 
 def sampler_for(run_dir: Path, *, temperatures: Sequence[float] = (1.0,), bn_passes: int = 500,

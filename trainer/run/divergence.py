@@ -110,15 +110,16 @@ def _finiteness_problem(grads_finite: bool, weights_finite: bool) -> tuple[str, 
     return None
 
 
-def stop_diverged(divergence: Divergence, run_dir: Path, accelerator, log) -> None:
+def stop_diverged(divergence: Divergence, run_dir: Path, accelerator, log, hint: str = "") -> None:
     """Stop a diverged run, on every process: mark it, drop checkpoints from the bad streak on (none are written
-    in it) and raise `TrainingDiverged` with the one line the user sees last."""
+    in it) and raise `TrainingDiverged` with the one line the user sees last. `hint`: which settings to change."""
     from trainer.run.rundir import mark_diverged
 
     if accelerator.is_main_process:
         mark_diverged(run_dir, divergence)
+    settings = f"changed settings ({hint})" if hint else "changed settings"
     message = (f"{divergence.message()}; stopped. The run is marked diverged; checkpoints before step "
-               f"{divergence.onset} are kept. Resume from one with changed settings: --resume-from CHECKPOINT")
+               f"{divergence.onset} are kept. Resume from one with {settings}: --resume-from CHECKPOINT")
     log(message)
     accelerator.wait_for_everyone()
     raise TrainingDiverged(message)
