@@ -206,7 +206,8 @@ def _train_vaebm(cfg: VAEBMTrainingConfig, run: OwnedRun, launch: Launch, resume
     if last_saved != step and any_rank(accelerator, not weights_finite(update)):
         progress.close()
         weights = Divergence(step, step, "non-finite weights", math.nan)
-        stop_diverged(detector.unfinished_streak(step) or weights, run_dir, accelerator, monitor.log, divergence_hint(cfg))
+        stop_diverged(detector.unfinished_streak(step) or weights, run_dir, accelerator, monitor.log,
+                      divergence_hint(cfg))
     if last_saved != step and not detector.in_bad_streak:
         save_checkpoint(saver, step, update, detector, stream, vae_pin, bn)
     progress.close()
