@@ -3,6 +3,7 @@
     python scripts/bench.py nvae --config nvae-bench-small --batch-size 8 [--steps N] [--mixed-precision bf16]
                                  [--compile [--compile-backend B]]
     python scripts/bench.py nvae --config celebahq256 --batch-size 1 --compare-checkpointing
+    python scripts/bench.py depthwise --config nvae-bench-small --batch-size 8 [--repeats R] [--steps N]
     python scripts/bench.py data --shards OUT [--size S]
     python scripts/bench.py langevin --config digits [--batch-size B]
     python scripts/bench.py vaebm-step --config digits [--batch-size B]
@@ -71,6 +72,14 @@ def bench_nvae_command(args) -> dict:
                         gradient_checkpointing=checkpointing, device=device, mixed_precision=args.mixed_precision,
                         compile=args.compile, compile_backend=args.compile_backend)
     return {"config": args.config, **result}
+
+
+def bench_depthwise_command(args) -> dict:
+    """`bench.py depthwise`: the depthwise convs' backward, oneDNN's against ours, per shape and per step (CPU)."""
+    from trainer.bench.depthwise import bench_depthwise
+
+    return {"config": args.config, **bench_depthwise(nvae_config(args.config), args.batch_size,
+                                                     repeats=args.repeats, steps=args.steps, warmup=args.warmup)}
 
 
 def bench_data_command(args) -> dict:
@@ -189,6 +198,13 @@ def main() -> None:
     nvae.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     nvae.add_argument("--compile", action="store_true", help="train.compile: compile the model and its regularizer")
     nvae.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    depthwise = sub.add_parser("depthwise", parents=[cpu],
+                               help="the depthwise convs' backward: oneDNN's vs forward convs (per shape, per step)")
+    depthwise.add_argument("--config", default="nvae-bench-small")
+    depthwise.add_argument("--batch-size", type=int, default=8)
+    depthwise.add_argument("--repeats", type=int, default=10, help="alternating pairs per conv shape")
+    depthwise.add_argument("--steps", type=int, default=6, help="alternating pairs of whole training steps")
+    depthwise.add_argument("--warmup", type=int, default=2)
     data = sub.add_parser("data", parents=[cpu], help="training stream vs a bare tar+decode loop over the same shards")
     data.add_argument("--shards", required=True)
     data.add_argument("--size", type=int, default=None)
@@ -225,6 +241,7 @@ def main() -> None:
     suite.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in this process
     args = parser.parse_args()
     handlers = {"sample": bench_sample_command, "nvae": bench_nvae_command, "data": bench_data_command,
+                "depthwise": bench_depthwise_command,
                 "langevin": bench_langevin_command, "vaebm-step": bench_vaebm_step_command,
                 "contention": bench_contention_command, "gpu-suite": gpu_suite_command}
     if getattr(args, "threads", None) is not None:

@@ -121,31 +121,19 @@ def bench_nvae(
     """
     device = torch.device(device)
     torch.manual_seed(seed)
-    train = TrainConfig(global_batch_size=batch_size, per_device_batch_size=batch_size,
-                        mixed_precision=mixed_precision, compile=compile, compile_backend=compile_backend)
-    cfg = NVAETrainingConfig(model=config, train=train)
-    at_step = cfg.train.max_steps // 10
     with _PeakMemory(device) as memory:
-        launch = make_accelerator(cfg.train)
-        model = NVAE(config).to(device).train()
+        model, take_step = training_step(config, batch_size, device, mixed_precision, compile, compile_backend)
         if gradient_checkpointing is not None:
             model.gradient_checkpointing = gradient_checkpointing
-        optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps,
-                                       weight_decay=cfg.optim.weight_decay)
-        update = NVAEUpdate(model, model, EMA(model, cfg.train.ema_decay), optimizer, launch, cfg,
-                            rows=BatchRows(0, batch_size, batch_size),
-                            alphas=kl_balance_alphas(model.groups_per_scale_decoder_order).to(device))
-        x = torch.rand(batch_size, *model.image_shape, device=device) * 2 - 1
-        batches = iter(lambda: {"image": x}, None)  # the same batch, forever
         spectral_times = _time_spectral_loss(model, device)
         for _ in range(warmup):
-            update.step(at_step, batches)
+            take_step()
         times, loss = [], float("nan")
         spectral_times.clear()
         for _ in range(steps):
             _synchronize(device)
             start = time.perf_counter()
-            loss = update.step(at_step, batches).loss
+            loss = take_step().loss
             _synchronize(device)
             times.append(time.perf_counter() - start)
     step_s = sum(times) / max(len(times), 1)
@@ -166,6 +154,26 @@ def bench_nvae(
         "compile": compile,
         "device": str(device),
     }
+
+
+def training_step(config: NVAEConfig, batch_size: int, device: torch.device, mixed_precision: str = "no",
+                  compile: bool = False, compile_backend: str = "inductor"):
+    """A fresh NVAE (in training mode) and a function taking one training step (`NVAEUpdate.step`, returning
+    its `StepResult`) on one fixed batch of random images in [−1, 1], at 10% of the default schedule."""
+    train = TrainConfig(global_batch_size=batch_size, per_device_batch_size=batch_size,
+                        mixed_precision=mixed_precision, compile=compile, compile_backend=compile_backend)
+    cfg = NVAETrainingConfig(model=config, train=train)
+    launch = make_accelerator(cfg.train)
+    model = NVAE(config).to(device).train()
+    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps,
+                                   weight_decay=cfg.optim.weight_decay)
+    update = NVAEUpdate(model, model, EMA(model, cfg.train.ema_decay), optimizer, launch, cfg,
+                        rows=BatchRows(0, batch_size, batch_size),
+                        alphas=kl_balance_alphas(model.groups_per_scale_decoder_order).to(device))
+    x = torch.rand(batch_size, *model.image_shape, device=device) * 2 - 1
+    batches = iter(lambda: {"image": x}, None)  # the same batch, forever
+    at_step = cfg.train.max_steps // 10
+    return model, lambda: update.step(at_step, batches)
 
 
 def _synchronize(device: torch.device) -> None:
