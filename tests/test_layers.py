@@ -44,14 +44,15 @@ def test_gradients_are_those_of_conv2d(kernel, padding, dilation):
 
 
 def test_only_plain_stride_one_depthwise_convs_on_the_cpu_take_it():
-    def backward_of(conv: Conv2d, channels: int = 6, autocast: bool = False) -> str:
-        x = torch.randn(2, channels, 8, 8, requires_grad=True)
+    def backward_of(conv: Conv2d, channels: int = 6, autocast: bool = False, dtype=torch.float32) -> str:
+        x = torch.randn(2, channels, 8, 8, dtype=dtype, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             return type(conv.train()(x).grad_fn).__name__
 
     plain = dict(kernel_size=5, padding=2, groups=6, bias=False, weight_norm=False)
     assert backward_of(Conv2d(6, 6, **plain)) == "DepthwiseConv2dBackward"
     assert backward_of(Conv2d(6, 6, **plain), autocast=True) != "DepthwiseConv2dBackward"
+    assert backward_of(Conv2d(6, 6, **plain).to(torch.bfloat16), dtype=torch.bfloat16) != "DepthwiseConv2dBackward"
     for other in (dict(plain, stride=2), dict(plain, bias=True), dict(plain, weight_norm=True),
                   dict(plain, groups=3), dict(plain, padding=5)):
         assert not Conv2d(6, 6, **other).fast_depthwise_grad, other
