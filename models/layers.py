@@ -9,7 +9,7 @@ keeps a weak reference to the kernel it computed (`regularized_weight` hands it 
 the weights are unchanged), so the regularizer does not normalize every kernel a second time.
 
 On the CPU in fp32, the plain stride-1 depthwise convs (the NVAE cells' 5×5) run through `DepthwiseConv2d`,
-whose backward is 2× faster than oneDNN's there (`Conv2d.fast_depthwise_grad` says which convs qualify).
+whose backward is about twice as fast as oneDNN's there (`Conv2d.fast_depthwise_grad` says which convs qualify).
 """
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ class Conv2d(nn.Conv2d):
 
 class DepthwiseConv2d(torch.autograd.Function):
     """A stride-1 depthwise convolution without bias, [B, C, H, W] → [B, C, H', W'], kernel [C, 1, kh, kw],
-    whose backward runs as forward convolutions, 2–4× faster on the CPU.
+    whose backward runs as forward convolutions (forward and backward together 1.7–2.3× faster on the CPU).
 
     oneDNN computes the kernel gradient of a channels-last depthwise conv 10–20× slower than the conv itself
     on the CPU (README, "Benchmarks"). That gradient, dW[c, i, j] = Σ_b Σ_hw x_pad[b, c, h + d·i, w + d·j]

@@ -83,6 +83,7 @@ def test_nvae_bench_reports_spectral_time_threads_and_load():
     result = _json(run_script("bench.py", "nvae", "--config", "digits", "--batch-size", "2", "--steps", "2",
                               "--warmup", "1", "--threads", "1", "--busy"))
     assert 0 < result["spectral_s"] < result["step_s"] and math.isfinite(result["spectral_s"])
+    assert result["step_s_min"] <= result["step_s_median"] <= 2 * result["step_s"]
     assert result["threads"] == 1 and result["busy"] is True and result["wait_policy"] == "PASSIVE"
 
 

@@ -26,6 +26,7 @@ slower than 1 (measured: a BatchNorm went from 1.3 ms to 17–35 ms). The script
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
 
@@ -115,7 +116,7 @@ def bench_nvae(
 
     The steps are taken at a point of the KL warm-up (10% of the default schedule) where β < 1, so the KL
     balancing runs as it does early in training. Returns img_per_s, step_s (mean over the timed steps),
-    step_s_min, spectral_s (mean, see the module docstring), loss (of the last step), peak_mem_mb (see the
+    step_s_median (steadier than the mean on a shared CPU), step_s_min, spectral_s (mean, see the module docstring), loss (of the last step), peak_mem_mb (see the
     module docstring), peak_mem_method, params_m, batch_size, resolution, threads, gradient_checkpointing,
     mixed_precision, compile and device.
     """
@@ -140,6 +141,7 @@ def bench_nvae(
     return {
         "img_per_s": batch_size / step_s if step_s > 0 else float("nan"),
         "step_s": step_s,
+        "step_s_median": statistics.median(times) if times else float("nan"),
         "step_s_min": min(times) if times else float("nan"),
         "spectral_s": sum(spectral_times) / len(spectral_times) if spectral_times else float("nan"),
         "loss": loss,
