@@ -70,8 +70,6 @@ def bench_depthwise(config: NVAEConfig, batch_size: int, repeats: int = 10, step
     for _ in range(warmup):
         take_step()
     onednn_step, forward_convs_step = _alternate(use_forward_convs(False), use_forward_convs(True), steps)
-    for m in depthwise:
-        m.fast_depthwise_grad = True
     return {"shapes": shapes, "step_s_onednn": onednn_step, "step_s_forward_convs": forward_convs_step,
             "step_speedup": onednn_step / forward_convs_step, "batch_size": batch_size}
 

@@ -293,32 +293,18 @@ def _nvae_batch_setting(ctx: PartContext, config, precision: str, checkpointing:
     """One half of `part_nvae_batch`, on a fresh model, optimizer and EMA (their memory counts)."""
     import torch
 
-    from models.nvae import NVAE
-    from trainer.config.common import TrainConfig
-    from trainer.config.nvae import NVAETrainingConfig
-    from trainer.nvae.loop import NVAEUpdate
-    from trainer.nvae.objective import kl_balance_alphas
-    from trainer.run.collective import BatchRows
-    from trainer.run.ema import EMA
-    from trainer.run.launch import make_accelerator
+    from trainer.bench.nvae import nvae_update
 
     key = "checkpointing" if checkpointing else "no_checkpointing"
     torch.manual_seed(0)
-    model = NVAE(config).to(ctx.device).train()
+    model, update, at_step = nvae_update(config, 1, ctx.device, precision)
     model.gradient_checkpointing = checkpointing
-    cfg = NVAETrainingConfig(model=config, train=TrainConfig(global_batch_size=1, per_device_batch_size=1,
-                                                             mixed_precision=precision))
-    optimizer = torch.optim.Adamax(model.parameters(), lr=cfg.optim.lr, eps=cfg.optim.eps,
-                                   weight_decay=cfg.optim.weight_decay)
-    update = NVAEUpdate(model, model, EMA(model, cfg.train.ema_decay), optimizer, make_accelerator(cfg.train), cfg,
-                        rows=BatchRows(0, 1, 1),
-                        alphas=kl_balance_alphas(model.groups_per_scale_decoder_order).to(ctx.device))
 
     def step(batch: int) -> float:
         x = torch.rand((batch, *model.image_shape), device=ctx.device) * 2 - 1
         synchronize(ctx.device)
         start = time.perf_counter()
-        update.step(cfg.train.max_steps // 10, iter([{"image": x}]))  # in the KL warm-up, as `bench_nvae`
+        update.step(at_step, iter([{"image": x}]))  # in the KL warm-up, as `bench_nvae`
         synchronize(ctx.device)
         return time.perf_counter() - start
 
@@ -329,7 +315,7 @@ def _nvae_batch_setting(ctx: PartContext, config, precision: str, checkpointing:
         except RuntimeError as err:
             if not is_out_of_memory(err):
                 raise
-            optimizer.zero_grad(set_to_none=True)
+            update.optimizer.zero_grad(set_to_none=True)
             release_memory()
             return False
 

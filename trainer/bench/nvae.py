@@ -116,9 +116,9 @@ def bench_nvae(
 
     The steps are taken at a point of the KL warm-up (10% of the default schedule) where β < 1, so the KL
     balancing runs as it does early in training. Returns img_per_s, step_s (mean over the timed steps),
-    step_s_median (steadier than the mean on a shared CPU), step_s_min, spectral_s (mean, see the module docstring), loss (of the last step), peak_mem_mb (see the
-    module docstring), peak_mem_method, params_m, batch_size, resolution, threads, gradient_checkpointing,
-    mixed_precision, compile and device.
+    step_s_median (steadier than the mean on a shared CPU), step_s_min, spectral_s (mean, see the module
+    docstring), loss (of the last step), peak_mem_mb (see the module docstring), peak_mem_method, params_m,
+    batch_size, resolution, threads, gradient_checkpointing, mixed_precision, compile and device.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -158,10 +158,11 @@ def bench_nvae(
     }
 
 
-def training_step(config: NVAEConfig, batch_size: int, device: torch.device, mixed_precision: str = "no",
-                  compile: bool = False, compile_backend: str = "inductor"):
-    """A fresh NVAE (in training mode) and a function taking one training step (`NVAEUpdate.step`, returning
-    its `StepResult`) on one fixed batch of random images in [−1, 1], at 10% of the default schedule."""
+def nvae_update(config: NVAEConfig, batch_size: int, device: torch.device, mixed_precision: str = "no",
+                compile: bool = False, compile_backend: str = "inductor"):
+    """The training loop's update (`NVAEUpdate`: a fresh NVAE in training mode, Adamax with the `nvae` defaults, EMA)
+    for per-process batches of `batch_size`. Returns (model, update, step): `step` is 10% of the default schedule,
+    in the KL warm-up."""
     train = TrainConfig(global_batch_size=batch_size, per_device_batch_size=batch_size,
                         mixed_precision=mixed_precision, compile=compile, compile_backend=compile_backend)
     cfg = NVAETrainingConfig(model=config, train=train)
@@ -172,9 +173,16 @@ def training_step(config: NVAEConfig, batch_size: int, device: torch.device, mix
     update = NVAEUpdate(model, model, EMA(model, cfg.train.ema_decay), optimizer, launch, cfg,
                         rows=BatchRows(0, batch_size, batch_size),
                         alphas=kl_balance_alphas(model.groups_per_scale_decoder_order).to(device))
+    return model, update, cfg.train.max_steps // 10
+
+
+def training_step(config: NVAEConfig, batch_size: int, device: torch.device, mixed_precision: str = "no",
+                  compile: bool = False, compile_backend: str = "inductor"):
+    """A fresh NVAE (in training mode) and a function taking one training step (`NVAEUpdate.step`, returning
+    its `StepResult`) on one fixed batch of random images in [−1, 1], at 10% of the default schedule."""
+    model, update, at_step = nvae_update(config, batch_size, device, mixed_precision, compile, compile_backend)
     x = torch.rand(batch_size, *model.image_shape, device=device) * 2 - 1
     batches = iter(lambda: {"image": x}, None)  # the same batch, forever
-    at_step = cfg.train.max_steps // 10
     return model, lambda: update.step(at_step, batches)
 
 
