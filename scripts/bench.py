@@ -177,7 +177,8 @@ def gpu_suite_command(args) -> dict:
 def cpu_setting(args) -> dict:
     """The CPU settings a benchmark ran with (its JSON reports them)."""
     threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
-    return {"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "busy": args.busy}
+    return {"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "malloc": os.environ.get("VAEBM_MALLOC", "keep"), "busy": args.busy}
 
 
 def main() -> None:

@@ -8,8 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.run.host_memory import keep_freed_host_memory
+
 ROOT = Path(__file__).resolve().parents[1]
 
+# In-process tests reuse freed host memory as the scripts do (their subprocesses apply it themselves).
+keep_freed_host_memory()
 
 
 def free_port() -> int:

@@ -85,14 +85,16 @@ def test_scripts_apply_the_setting_before_torch_loads():
     assert _probe({})["threads"] == int(threads.DEFAULT_THREADS)
 
 
-def test_a_bad_setting_is_a_one_line_error_in_a_script(tmp_path):
-    env = {**os.environ, "VAEBM_THREADS": "many", "PYTHONPATH": str(ROOT)}
+@pytest.mark.parametrize("variable, value, message", [
+    ("VAEBM_THREADS", "many", "VAEBM_THREADS must be a positive number of threads, auto or off, got 'many'"),
+    ("VAEBM_MALLOC", "sometimes", "VAEBM_MALLOC must be one of keep, default, got 'sometimes'")])  # host_memory.py
+def test_a_bad_setting_is_a_one_line_error_in_a_script(tmp_path, variable, value, message):
+    env = {**os.environ, variable: value, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, str(ROOT / "scripts" / "train_nvae.py"), "--config", "digits", "--run-dir",
                str(tmp_path / "run"), "train.max_steps=1", f"data.cache_dir={tmp_path / 'cache'}"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: VAEBM_THREADS must be a positive number of threads, auto or off, got 'many'"]
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 from trainer.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_STOPPED, TrainingDiverged, TrainingStopped,
                             UserError, no_space_path, one_line, write_launcher_note)
+from trainer.run.host_memory import keep_freed_host_memory
 from trainer.run.threads import configure_cpu_threads
 
 IMAGE_SIZE_KEYS = ("data.image_size", "model.image_size")
@@ -201,12 +202,13 @@ def config_keys(cls) -> list[tuple[str, list[str]]]:
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Set the CPU thread policy (before torch loads, `trainer/run/threads.py`), run `main()`, and turn
-    `UserError` (exit 2), a full device (exit 2) and `TrainingDiverged` (exit 3) into one `error: <message>`
-    line on stderr, `TrainingStopped` (exit 4) into one `stopped: <message>` line, the last thing printed
-    (README, "Exit codes")."""
+    """Set the CPU thread policy (before torch loads, `trainer/run/threads.py`) and keep freed host memory for
+    reuse (`trainer/run/host_memory.py`), run `main()`, and turn `UserError` (exit 2), a full device (exit 2)
+    and `TrainingDiverged` (exit 3) into one `error: <message>` line on stderr, `TrainingStopped` (exit 4) into
+    one `stopped: <message>` line, the last thing printed (README, "Exit codes")."""
     try:
         configure_cpu_threads()
+        keep_freed_host_memory()
         code = main()
     except UserError as err:
         _fail(EXIT_BAD_INPUT, str(err))

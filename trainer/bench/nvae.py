@@ -117,7 +117,8 @@ def bench_nvae(
     The steps are taken at a point of the KL warm-up (10% of the default schedule) where β < 1, so the KL
     balancing runs as it does early in training. Returns img_per_s, step_s (mean over the timed steps),
     step_s_median (steadier than the mean on a shared CPU), step_s_min, spectral_s (mean, see the module
-    docstring), loss (of the last step), peak_mem_mb (see the module docstring), peak_mem_method, params_m,
+    docstring), page_faults_per_step (the process's minor page faults over the timed steps: memory the kernel
+    had to map, README "Host memory"), loss (of the last step), peak_mem_mb (see the module docstring), peak_mem_method, params_m,
     batch_size, resolution, threads, gradient_checkpointing, mixed_precision, compile and device.
     """
     device = torch.device(device)
@@ -131,12 +132,14 @@ def bench_nvae(
             take_step()
         times, loss = [], float("nan")
         spectral_times.clear()
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for _ in range(steps):
             _synchronize(device)
             start = time.perf_counter()
             loss = take_step().loss
             _synchronize(device)
             times.append(time.perf_counter() - start)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
     step_s = sum(times) / max(len(times), 1)
     return {
         "img_per_s": batch_size / step_s if step_s > 0 else float("nan"),
@@ -144,6 +147,7 @@ def bench_nvae(
         "step_s_median": statistics.median(times) if times else float("nan"),
         "step_s_min": min(times) if times else float("nan"),
         "spectral_s": sum(spectral_times) / len(spectral_times) if spectral_times else float("nan"),
+        "page_faults_per_step": faults / max(len(times), 1),
         "loss": loss,
         "peak_mem_mb": memory.peak_mb,
         "peak_mem_method": memory.method,
