@@ -32,6 +32,7 @@ from pathlib import Path
 from trainer.bench.contention import DEFAULT_SETTINGS, busy_competitor
 from trainer.errors import UserError
 from trainer.cli import run_cli
+from trainer.run.host_memory import malloc_setting
 from trainer.run.threads import set_threads
 
 
@@ -178,7 +179,7 @@ def cpu_setting(args) -> dict:
     """The CPU settings a benchmark ran with (its JSON reports them)."""
     threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     return {"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-            "malloc": os.environ.get("VAEBM_MALLOC", "keep"), "busy": args.busy}
+            "malloc": malloc_setting(), "busy": args.busy}
 
 
 def main() -> None:

@@ -117,9 +117,10 @@ def bench_nvae(
     The steps are taken at a point of the KL warm-up (10% of the default schedule) where β < 1, so the KL
     balancing runs as it does early in training. Returns img_per_s, step_s (mean over the timed steps),
     step_s_median (steadier than the mean on a shared CPU), step_s_min, spectral_s (mean, see the module
-    docstring), page_faults_per_step (the process's minor page faults over the timed steps: memory the kernel
-    had to map, README "Host memory"), loss (of the last step), peak_mem_mb (see the module docstring), peak_mem_method, params_m,
-    batch_size, resolution, threads, gradient_checkpointing, mixed_precision, compile and device.
+    docstring), page_faults_per_step (the process's minor page faults per timed step: pages the kernel had to
+    map, README "Host memory"), loss (of the last step), peak_mem_mb (see the module docstring),
+    peak_mem_method, params_m, batch_size, resolution, threads, gradient_checkpointing, mixed_precision,
+    compile and device.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
