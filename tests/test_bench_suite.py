@@ -10,7 +10,8 @@ import time
 import pytest
 from conftest import run_script
 
-from trainer.bench.gpu_suite import BUDGETS, largest_batch
+from trainer.bench.gpu_parts import largest_batch
+from trainer.bench.gpu_suite import BUDGETS
 
 
 def _json(result) -> dict:
