@@ -1,6 +1,7 @@
-"""The depthwise convolution's own backward (`models.layers.DepthwiseConv2d`): the same gradients as
-`F.conv2d` (first and second order), taken by exactly the convs it is meant for, and by a whole NVAE, whose
-gradients stay those of the oneDNN backward; `bench.py depthwise` runs and compares both."""
+"""The CPU fast paths of `models/layers.py`. The depthwise convolution's own backward (`DepthwiseConv2d`): the
+same gradients as `F.conv2d` (first and second order), taken by exactly the convs it is meant for, and by a whole
+NVAE, whose gradients stay those of the oneDNN backward; `bench.py depthwise` runs and compares both. `elu`: the
+values and gradients of `F.elu` (first and second order), taken on the CPU only."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import run_script
 
-from models.layers import Conv2d, DepthwiseConv2d
+from models.layers import Conv2d, DepthwiseConv2d, elu
 from models.nvae import NVAE, NVAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -89,3 +90,23 @@ def test_depthwise_bench_compares_both_backwards():
                         .stdout.strip().splitlines()[-1])
     assert result["shapes"] and all(s["max_rel_grad_difference"] < 1e-5 for s in result["shapes"])
     assert result["step_s_onednn"] > 0 and result["step_s_forward_convs"] > 0 and result["threads"] == 1
+
+
+def test_elu_is_f_elu_on_the_cpu():
+    generator = torch.Generator().manual_seed(0)
+    # Both signs, around 0 (where exp(x) - 1 loses relative precision) and far out on both sides.
+    x = torch.cat([torch.randn(2, 3, 8, 8, generator=generator) * 3,
+                   torch.linspace(-1e-3, 1e-3, 384).view(2, 3, 8, 8), torch.full((2, 3, 8, 8), -30.0),
+                   torch.full((2, 3, 8, 8), 30.0)]).contiguous(memory_format=torch.channels_last)
+    ours_x, reference_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ours, reference = elu(ours_x), F.elu(reference_x)
+    assert type(ours.grad_fn).__name__ == "_CPUELUBackward"
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1.2e-7)  # one rounding of exp(x) - 1
+    grad_out = torch.randn(x.shape, generator=generator)
+    torch.testing.assert_close(torch.autograd.grad(ours, ours_x, grad_out)[0],
+                               torch.autograd.grad(reference, reference_x, grad_out)[0], rtol=1e-6, atol=2.4e-7)
+
+    x64 = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=generator).requires_grad_(True)
+    assert torch.autograd.gradcheck(elu, (x64,))
+    assert torch.autograd.gradgradcheck(elu, (x64,))  # double backpropagation, as through F.elu

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import Conv2d
+from models.layers import Conv2d, elu
 
 RESIDUAL_SCALE = 0.1  # fixed damping of every residual branch (official constant, not learned)
 
@@ -338,5 +338,5 @@ class ELUConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] → [B, C_out, H', W']."""
-        x = self.conv(F.elu(x))
-        return F.elu(x) if self.elu_after else x
+        x = self.conv(elu(x))
+        return elu(x) if self.elu_after else x

@@ -15,9 +15,8 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from models.layers import Conv2d
+from models.layers import Conv2d, elu
 
 
 def autoregressive_mask(
@@ -96,9 +95,9 @@ class AutoregressiveShift(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """[B, L, h, w] → [B, L, h, w]: z − μ(z)."""
-        h = F.elu(self.conv_in(z))
-        h = F.elu(self.conv_depthwise(h))
-        return z - self.conv_mu(F.elu(h))
+        h = elu(self.conv_in(z))
+        h = elu(self.conv_depthwise(h))
+        return z - self.conv_mu(elu(h))
 
 
 class PairedFlow(nn.Module):
