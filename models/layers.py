@@ -10,7 +10,8 @@ the weights are unchanged), so the regularizer does not normalize every kernel a
 
 On the CPU in fp32, the plain stride-1 depthwise convs (the NVAE cells' 5×5) run through `DepthwiseConv2d`,
 whose backward is about twice as fast as oneDNN's there (`Conv2d.fast_depthwise_grad` says which convs qualify).
-`elu` is likewise computed on the CPU without PyTorch's scalar `expm1` (4–6× faster there).
+`elu` (and the `ELU` module) is likewise computed on the CPU without PyTorch's scalar `expm1` (4–6× faster
+there). `bench.py cpu-paths` times both paths against PyTorch's own.
 """
 from __future__ import annotations
 
@@ -54,6 +55,19 @@ def elu(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
         return _CPUELU.apply(x)
     return F.elu(x)
+
+
+class ELU(nn.Module):
+    """`elu` as a module. `cpu_fast_path = False` makes it `F.elu` everywhere (`bench.py cpu-paths` compares the
+    two in whole training steps, as `Conv2d.fast_depthwise_grad` does for the depthwise backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu_fast_path = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[*] → [*], element-wise."""
+        return elu(x) if self.cpu_fast_path else F.elu(x)
 
 
 class _CPUELU(torch.autograd.Function):

@@ -3,7 +3,7 @@
     python scripts/bench.py nvae --config nvae-bench-small --batch-size 8 [--steps N] [--mixed-precision bf16]
                                  [--compile [--compile-backend B]]
     python scripts/bench.py nvae --config celebahq256 --batch-size 1 --compare-checkpointing
-    python scripts/bench.py depthwise --config nvae-bench-small --batch-size 8 [--repeats R] [--steps N]
+    python scripts/bench.py cpu-paths --config nvae-bench-small --batch-size 8 [--repeats R] [--steps N]
     python scripts/bench.py data --shards OUT [--size S]
     python scripts/bench.py langevin --config digits [--batch-size B]
     python scripts/bench.py vaebm-step --config digits [--batch-size B]
@@ -75,11 +75,11 @@ def bench_nvae_command(args) -> dict:
     return {"config": args.config, **result}
 
 
-def bench_depthwise_command(args) -> dict:
-    """`bench.py depthwise`: the depthwise convs' backward, oneDNN's against ours, per shape and per step (CPU)."""
-    from trainer.bench.depthwise import bench_depthwise
+def bench_cpu_paths_command(args) -> dict:
+    """`bench.py cpu-paths`: the depthwise backward and ELU, PyTorch's against ours, per shape and per step (CPU)."""
+    from trainer.bench.cpu_paths import bench_cpu_paths
 
-    return {"config": args.config, **bench_depthwise(nvae_config(args.config), args.batch_size,
+    return {"config": args.config, **bench_cpu_paths(nvae_config(args.config), args.batch_size,
                                                      repeats=args.repeats, steps=args.steps, warmup=args.warmup)}
 
 
@@ -200,13 +200,13 @@ def main() -> None:
     nvae.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     nvae.add_argument("--compile", action="store_true", help="train.compile: compile the model and its regularizer")
     nvae.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
-    depthwise = sub.add_parser("depthwise", parents=[cpu],
-                               help="the depthwise convs' backward: oneDNN's vs forward convs (per shape, per step)")
-    depthwise.add_argument("--config", default="nvae-bench-small")
-    depthwise.add_argument("--batch-size", type=int, default=8)
-    depthwise.add_argument("--repeats", type=int, default=10, help="alternating pairs per conv shape")
-    depthwise.add_argument("--steps", type=int, default=6, help="alternating pairs of whole training steps")
-    depthwise.add_argument("--warmup", type=int, default=2)
+    cpu_paths = sub.add_parser("cpu-paths", parents=[cpu],
+                               help="the CPU fast paths (depthwise backward, ELU) vs PyTorch's ops (per shape, per step)")
+    cpu_paths.add_argument("--config", default="nvae-bench-small")
+    cpu_paths.add_argument("--batch-size", type=int, default=8)
+    cpu_paths.add_argument("--repeats", type=int, default=10, help="alternating pairs per input shape")
+    cpu_paths.add_argument("--steps", type=int, default=6, help="alternating pairs of whole training steps, per path")
+    cpu_paths.add_argument("--warmup", type=int, default=2)
     data = sub.add_parser("data", parents=[cpu], help="training stream vs a bare tar+decode loop over the same shards")
     data.add_argument("--shards", required=True)
     data.add_argument("--size", type=int, default=None)
@@ -243,7 +243,7 @@ def main() -> None:
     suite.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in this process
     args = parser.parse_args()
     handlers = {"sample": bench_sample_command, "nvae": bench_nvae_command, "data": bench_data_command,
-                "depthwise": bench_depthwise_command,
+                "cpu-paths": bench_cpu_paths_command,
                 "langevin": bench_langevin_command, "vaebm-step": bench_vaebm_step_command,
                 "contention": bench_contention_command, "gpu-suite": gpu_suite_command}
     if getattr(args, "threads", None) is not None:

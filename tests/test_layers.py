@@ -1,7 +1,7 @@
 """The CPU fast paths of `models/layers.py`. The depthwise convolution's own backward (`DepthwiseConv2d`): the
 same gradients as `F.conv2d` (first and second order), taken by exactly the convs it is meant for, and by a whole
-NVAE, whose gradients stay those of the oneDNN backward; `bench.py depthwise` runs and compares both. `elu`: the
-values and gradients of `F.elu` (first and second order), taken on the CPU only."""
+NVAE, whose gradients stay those of the oneDNN backward. `elu`: the values and gradients of `F.elu` (first and
+second order), taken on the CPU only. `bench.py cpu-paths` runs and compares both paths with PyTorch's ops."""
 from __future__ import annotations
 
 import copy
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import run_script
 
-from models.layers import Conv2d, DepthwiseConv2d, elu
+from models.layers import ELU, Conv2d, DepthwiseConv2d, elu
 from models.nvae import NVAE, NVAEConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,14 +60,17 @@ def test_only_plain_stride_one_depthwise_convs_on_the_cpu_take_it():
     assert not Conv2d(6, 12, **dict(plain, groups=6)).fast_depthwise_grad
 
 
-def test_an_nvae_step_has_the_gradients_of_the_onednn_backward():
+def test_an_nvae_step_has_the_gradients_of_pytorchs_ops():
     torch.manual_seed(0)
     fast = NVAE(TINY).train()
     assert any(m.fast_depthwise_grad for m in fast.modules() if isinstance(m, Conv2d))
-    slow = copy.deepcopy(fast)
+    assert any(isinstance(m, ELU) for m in fast.modules())
+    slow = copy.deepcopy(fast)  # the same model with oneDNN's depthwise backward and F.elu
     for m in slow.modules():
         if isinstance(m, Conv2d):
             m.fast_depthwise_grad = False
+        if isinstance(m, ELU):
+            m.cpu_fast_path = False
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     grads = []
     for model in (fast, slow):
@@ -82,14 +85,18 @@ def test_an_nvae_step_has_the_gradients_of_the_onednn_backward():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_depthwise_bench_compares_both_backwards():
+def test_cpu_paths_bench_compares_both_paths():
     import json
 
-    result = json.loads(run_script("bench.py", "depthwise", "--config", "digits", "--batch-size", "2",
+    result = json.loads(run_script("bench.py", "cpu-paths", "--config", "digits", "--batch-size", "2",
                                    "--repeats", "2", "--steps", "1", "--warmup", "1", "--threads", "1")
                         .stdout.strip().splitlines()[-1])
-    assert result["shapes"] and all(s["max_rel_grad_difference"] < 1e-5 for s in result["shapes"])
-    assert result["step_s_onednn"] > 0 and result["step_s_forward_convs"] > 0 and result["threads"] == 1
+    for path in ("depthwise", "elu"):
+        shapes = result[path]["shapes"]
+        assert shapes and all(s["max_rel_difference"] < 1e-5 and s["speedup"] > 0 for s in shapes), path
+        assert result[path]["step_s_stock"] > 0 and result[path]["step_s_ours"] > 0, path
+    assert all("kernel" in s for s in result["depthwise"]["shapes"])
+    assert result["threads"] == 1
 
 
 def test_elu_is_f_elu_on_the_cpu():

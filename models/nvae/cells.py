@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import Conv2d, elu
+from models.layers import ELU, Conv2d
 
 RESIDUAL_SCALE = 0.1  # fixed damping of every residual branch (official constant, not learned)
 
@@ -333,10 +333,11 @@ class ELUConv(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, elu_after: bool = False):
         super().__init__()
+        self.elu = ELU()  # no parameters: the state dict is the conv's
         self.conv = Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=True)
         self.elu_after = elu_after
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C_in, H, W] → [B, C_out, H', W']."""
-        x = self.conv(elu(x))
-        return elu(x) if self.elu_after else x
+        x = self.conv(self.elu(x))
+        return self.elu(x) if self.elu_after else x

@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn as nn
 
-from models.layers import Conv2d, elu
+from models.layers import ELU, Conv2d
 
 
 def autoregressive_mask(
@@ -92,12 +92,13 @@ class AutoregressiveShift(nn.Module):
         self.conv_in = MaskedConv2d(channels, hidden, 3, bias=False, zero_diagonal=True, mirror=mirror)
         self.conv_depthwise = MaskedConv2d(hidden, hidden, 5, groups=hidden, bias=False, mirror=mirror)
         self.conv_mu = MaskedConv2d(hidden, channels, 1, bias=True, mirror=mirror, init_scale=0.1)
+        self.elu = ELU()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """[B, L, h, w] → [B, L, h, w]: z − μ(z)."""
-        h = elu(self.conv_in(z))
-        h = elu(self.conv_depthwise(h))
-        return z - self.conv_mu(elu(h))
+        h = self.elu(self.conv_in(z))
+        h = self.elu(self.conv_depthwise(h))
+        return z - self.conv_mu(self.elu(h))
 
 
 class PairedFlow(nn.Module):
