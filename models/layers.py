@@ -10,7 +10,7 @@ the weights are unchanged), so the regularizer does not normalize every kernel a
 
 On the CPU in fp32, the plain stride-1 depthwise convs (the NVAE cells' 5×5) run through `DepthwiseConv2d`,
 whose backward is about twice as fast as oneDNN's there (`Conv2d.fast_depthwise_grad` says which convs qualify).
-`elu` (and the `ELU` module) is likewise computed on the CPU without PyTorch's scalar `expm1` (4–6× faster
+`elu` (and the `ELU` module) is likewise computed on the CPU without PyTorch's scalar `expm1` (3.5–6× faster
 there). `bench.py cpu-paths` times both paths against PyTorch's own.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ class LipSwish(nn.Module):
 def elu(x: torch.Tensor) -> torch.Tensor:
     """ELU with α = 1: x for x > 0, exp(x) − 1 otherwise. [*] → [*].
 
-    PyTorch's CPU ELU calls `expm1` element by element, unvectorized: 4–6× slower forward and backward than
+    PyTorch's CPU ELU calls `expm1` element by element, unvectorized: 3.5–6× slower forward and backward than
     exp(min(x, 0)) − 1 + relu(x) with the gradient taken from the output (`_CPUELU`), which this uses on the
     CPU. The two differ by at most one rounding of exp(x) − 1 (6e-8 in fp32). Under `torch.compile` and on
     other devices it is `F.elu`.
