@@ -22,6 +22,8 @@ from models.layers import ELU, Conv2d, DepthwiseConv2d, elu
 from models.nvae import NVAEConfig
 from trainer.bench.nvae import training_step
 
+SWITCHES = {"depthwise": "fast_depthwise_grad", "elu": "cpu_fast_path"}  # each path's on/off attribute of a layer
+
 
 def bench_cpu_paths(config: NVAEConfig, batch_size: int, repeats: int = 10, steps: int = 6,
                     warmup: int = 2) -> dict:
@@ -127,10 +129,7 @@ def _steps_with(layers: list[nn.Module], path: str, on: bool, take_step: Callabl
     """A training step with `path` switched on or off in `layers`."""
     def run():
         for layer in layers:
-            if path == "depthwise":
-                layer.fast_depthwise_grad = on
-            else:
-                layer.cpu_fast_path = on
+            setattr(layer, SWITCHES[path], on)
         return take_step()
     return run
 
