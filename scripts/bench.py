@@ -80,7 +80,7 @@ def bench_cpu_paths_command(args) -> dict:
     from trainer.bench.cpu_paths import bench_cpu_paths
 
     return {"config": args.config, **bench_cpu_paths(nvae_config(args.config), args.batch_size,
-                                                     repeats=args.repeats, steps=args.steps, warmup=args.warmup)}
+                                                      repeats=args.repeats, steps=args.steps, warmup=args.warmup)}
 
 
 def bench_data_command(args) -> dict:
@@ -200,8 +200,9 @@ def main() -> None:
     nvae.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     nvae.add_argument("--compile", action="store_true", help="train.compile: compile the model and its regularizer")
     nvae.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
-    cpu_paths = sub.add_parser("cpu-paths", parents=[cpu],
-                               help="the CPU fast paths (depthwise backward, ELU) vs PyTorch's ops (per shape, per step)")
+    cpu_paths = sub.add_parser(
+        "cpu-paths", parents=[cpu],
+        help="the CPU fast paths (depthwise backward, ELU) vs PyTorch's ops (per shape, per step)")
     cpu_paths.add_argument("--config", default="nvae-bench-small")
     cpu_paths.add_argument("--batch-size", type=int, default=8)
     cpu_paths.add_argument("--repeats", type=int, default=10, help="alternating pairs per input shape")
